@@ -1,0 +1,25 @@
+"""declip-hf: DeCLIP (CVPR 2025, "Decoupled Learning for Open-Vocabulary Dense Perception") for Hugging Face."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_declip import DECOUPLED_ATTENTION_MODES, TRAINABLE_ATTENTION_MODES, DeCLIPVisionConfig
+from .modeling_declip import DeCLIPDenseOutput, DeCLIPVisionModel
+from .region_pooling import pool_boxes, pool_masks
+
+__version__ = "0.1.0"
+
+AutoConfig.register(DeCLIPVisionConfig.model_type, DeCLIPVisionConfig, exist_ok=True)
+AutoModel.register(DeCLIPVisionConfig, DeCLIPVisionModel, exist_ok=True)
+# Saved folders then carry this code and an `auto_map`, so they load with `trust_remote_code=True` anywhere.
+DeCLIPVisionConfig.register_for_auto_class()
+DeCLIPVisionModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "DECOUPLED_ATTENTION_MODES",
+    "TRAINABLE_ATTENTION_MODES",
+    "DeCLIPDenseOutput",
+    "DeCLIPVisionConfig",
+    "DeCLIPVisionModel",
+    "pool_boxes",
+    "pool_masks",
+]

@@ -1,0 +1,63 @@
+"""Configuration of the DeCLIP vision model (DeCLIP, CVPR 2025, arXiv 2505.04410)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPVisionConfig
+
+# Decoupled modes (DeCLIP's content/context split) first, then the two baselines.
+DECOUPLED_ATTENTION_MODES = ("qq", "kk", "vv", "csa", "all", "vanilla", "maskclip")
+# The modes that have a context feature and can therefore be distilled.
+TRAINABLE_ATTENTION_MODES = ("qq", "kk", "vv", "csa", "all")
+
+
+@strict
+class DeCLIPVisionConfig(CLIPVisionConfig):
+    r"""
+    Configuration of a [`DeCLIPVisionModel`]: a CLIP vision tower (every [`CLIPVisionConfig`] argument applies)
+    whose final self-attention layer can be read in DeCLIP's decoupled way.
+
+    Args:
+        decoupled_attention (`str`, *optional*, defaults to `"qq"`):
+            How `get_dense_features` computes the final layer. One of `"qq"`, `"kk"`, `"vv"` (attention weights
+            `softmax(s x x^T)` from one projection), `"csa"` (the sum of the q-q and k-k weights), `"all"`
+            (one softmax over `(qq^T + kk^T + vv^T) / 3`), or the baselines `"vanilla"` (CLIP's own last layer)
+            and `"maskclip"` (the value path with residual and MLP). The ordinary `forward` is never affected.
+        projection_dim (`int`, *optional*, defaults to 512):
+            Size of CLIP's joint image-text space, i.e. of the visual projection the dense features go through.
+
+    Example:
+
+    ```python
+    >>> from declip_hf import DeCLIPVisionConfig, DeCLIPVisionModel
+
+    >>> config = DeCLIPVisionConfig(decoupled_attention="csa")
+    >>> model = DeCLIPVisionModel(config)
+    ```"""
+
+    model_type = "declip_vision_model"
+
+    decoupled_attention: str = "qq"
+
+    def validate_decoupled_attention(self):
+        """Part of `@strict` validation: the mode must be one `modeling_declip` implements."""
+        if self.decoupled_attention not in DECOUPLED_ATTENTION_MODES:
+            raise ValueError(
+                f"Unknown decoupled_attention {self.decoupled_attention!r}; "
+                f"valid values are {', '.join(DECOUPLED_ATTENTION_MODES)}."
+            )
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """Read a DeCLIP config, or the vision part of a CLIP one, keeping CLIP's projection size."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return _as_declip_vision_dict(config_dict), kwargs
+
+
+def _as_declip_vision_dict(config_dict: dict) -> dict:
+    """A full `CLIPConfig` keeps `projection_dim` at its top level; the vision part alone may not carry it."""
+    if "vision_config" in config_dict:
+        vision_dict = dict(config_dict["vision_config"])
+        if "projection_dim" in config_dict:
+            vision_dict["projection_dim"] = config_dict["projection_dim"]
+        config_dict = vision_dict
+    # A CLIP vision tower is this architecture, so claim it rather than warn about a type mismatch.
+    return {**config_dict, "model_type": DeCLIPVisionConfig.model_type}

@@ -1,0 +1,218 @@
+"""DeCLIP vision model: CLIP's vision tower with DeCLIP's decoupled final layer (CVPR 2025, arXiv 2505.04410).
+
+All encoder layers but the last run unchanged. For dense prediction the last layer is read in a decoupled way:
+its attention output, without residual or MLP, is the *content* feature (projected into CLIP's joint space), and
+one or more of its raw q/k/v projections are the *context* feature. The ordinary `forward` stays plain CLIP.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionModel
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.utils import ModelOutput
+
+from .configuration_declip import DeCLIPVisionConfig
+from .region_pooling import pool_boxes, pool_masks
+
+
+@dataclass
+class DeCLIPDenseOutput(ModelOutput):
+    r"""
+    dense_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim, height // patch, width // patch)`):
+        Content features of every patch in CLIP's joint image-text space, L2-normalised over `projection_dim`.
+    context_features (`tuple(torch.FloatTensor)`, each of shape `(batch_size, num_patches, hidden_size)`):
+        The raw projections the context loss is applied to, patch rows in row-major order: `(q,)`, `(k,)` or `(v,)`
+        for the single modes, `(q, k)` for `csa`, `(q, k, v)` for `all`, and empty for the baselines.
+    """
+
+    dense_embeds: torch.FloatTensor | None = None
+    context_features: tuple[torch.FloatTensor, ...] | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The final layer's decoupled paths. Each maps (last CLIP layer, its input x of shape (B, 1+N, C)) to
+# (content tokens (B, 1+N, C), context features: a tuple of (B, 1+N, C)).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _split_heads(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+    batch_size, num_tokens, hidden_size = tensor.shape
+    # (B, T, C) -> (B, H, T, d)
+    return tensor.view(batch_size, num_tokens, num_heads, hidden_size // num_heads).transpose(1, 2)
+
+
+def _merge_heads(tensor: torch.Tensor) -> torch.Tensor:
+    batch_size, num_heads, num_tokens, head_dim = tensor.shape
+    # (B, H, T, d) -> (B, T, C)
+    return tensor.transpose(1, 2).reshape(batch_size, num_tokens, num_heads * head_dim)
+
+
+class SelfSimilarityAttention:
+    """Attention whose weights compare a projection with itself: DeCLIP's content path.
+
+    Each group of projections contributes `softmax(s / len(group) * sum_p p p^T) @ v`. Concatenating the group's
+    projections along the head dimension turns that sum into one dot product, so every mode, `all` included,
+    runs through fused `scaled_dot_product_attention`.
+    """
+
+    def __init__(self, *similarity_groups: tuple[str, ...]):
+        self.similarity_groups = similarity_groups
+        # Context features are the projections the weights are built from, each once, in q, k, v order.
+        used = {name for group in similarity_groups for name in group}
+        self.context_names = tuple(name for name in ("q", "k", "v") if name in used)
+
+    def __call__(self, layer: CLIPEncoderLayer, hidden_states: torch.Tensor):
+        attention = layer.self_attn
+        normed = layer.layer_norm1(hidden_states)
+        projections = {"q": attention.q_proj(normed), "k": attention.k_proj(normed), "v": attention.v_proj(normed)}
+        heads = {name: _split_heads(tensor, attention.num_heads) for name, tensor in projections.items()}
+        attended = sum(self._attend(heads, group, attention.scale) for group in self.similarity_groups)
+        content_tokens = attention.out_proj(_merge_heads(attended))
+        return content_tokens, tuple(projections[name] for name in self.context_names)
+
+    @staticmethod
+    def _attend(heads: dict[str, torch.Tensor], group: tuple[str, ...], scale: float) -> torch.Tensor:
+        similarity = torch.cat([heads[name] for name in group], dim=-1)  # (B, H, T, d * len(group))
+        return F.scaled_dot_product_attention(similarity, similarity, heads["v"], scale=scale / len(group))
+
+
+def vanilla_path(layer: CLIPEncoderLayer, hidden_states: torch.Tensor):
+    """Baseline: CLIP's own last layer (q-k attention, residuals, MLP)."""
+    return layer(hidden_states, None), ()
+
+
+def maskclip_path(layer: CLIPEncoderLayer, hidden_states: torch.Tensor):
+    """Baseline (MaskCLIP): attention replaced by the value path, residuals and MLP kept."""
+    attention = layer.self_attn
+    hidden_states = hidden_states + attention.out_proj(attention.v_proj(layer.layer_norm1(hidden_states)))
+    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states)), ()
+
+
+DECOUPLED_PATHS = {
+    "qq": SelfSimilarityAttention(("q",)),
+    "kk": SelfSimilarityAttention(("k",)),
+    "vv": SelfSimilarityAttention(("v",)),
+    "csa": SelfSimilarityAttention(("q",), ("k",)),
+    "all": SelfSimilarityAttention(("q", "k", "v")),
+    "vanilla": vanilla_path,
+    "maskclip": maskclip_path,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoint layout. On disk we keep the Hub's CLIP layout (`vision_model.<tower>` + `visual_projection`), which is
+# what `openai/clip-*` checkpoints hold and what `CLIPVisionModel(WithProjection)` read. In memory the tower sits
+# at the root, as in transformers 5's `CLIPVisionModel`.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _VisionTowerPrefix(WeightRenaming):
+    """Strip `vision_model.` when loading; add it back on saving to everything but the projection.
+
+    Not a `PrefixChange`: transformers drops those when saving a model built from scratch, and we want one
+    on-disk layout however the model was made.
+    """
+
+    def __init__(self, source_patterns=r"^vision_model\.(.+)", target_patterns=r"\1"):
+        super().__init__(source_patterns=source_patterns, target_patterns=target_patterns)
+
+    def reverse_transform(self) -> WeightRenaming:
+        renaming = WeightRenaming(
+            source_patterns=r"^(?:(?!vision_model\.|visual_projection\.))(.+)", target_patterns=r"vision_model.\1"
+        )
+        renaming.scope_prefix, renaming.base_model_prefix = self.scope_prefix, self.base_model_prefix
+        return renaming
+
+
+# transformers skips the conversion mappings of custom classes unless they are registered under the class name:
+# without this an unregistered subclass silently loads no weights from a Hub CLIP checkpoint.
+register_checkpoint_conversion_mapping("DeCLIPVisionModel", [_VisionTowerPrefix()], overwrite=True)
+
+
+class DeCLIPVisionModel(CLIPVisionModel):
+    r"""
+    CLIP's vision tower and visual projection, with DeCLIP's decoupled final layer for dense features.
+
+    `forward` is exactly [`CLIPVisionModel`]'s. `get_dense_features`, `get_region_features` and `get_mask_features`
+    read the last layer in the mode set by `config.decoupled_attention`. Loads DeCLIP checkpoints and any CLIP
+    checkpoint (`CLIPModel` or `CLIPVisionModelWithProjection`); text weights are ignored.
+
+    Example:
+
+    ```python
+    >>> model = DeCLIPVisionModel.from_pretrained("openai/clip-vit-base-patch16", decoupled_attention="qq")
+    >>> dense = model.get_dense_features(pixel_values).dense_embeds  # (B, 512, H / 16, W / 16)
+    ```
+    """
+
+    config: DeCLIPVisionConfig
+    config_class = DeCLIPVisionConfig
+    # A full CLIPModel checkpoint also holds the text tower; DeCLIP only needs the vision side.
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
+
+    def __init__(self, config: DeCLIPVisionConfig):
+        super().__init__(config)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.decoupled_path = DECOUPLED_PATHS[config.decoupled_attention]
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:  # mirrors CLIPVisionModelWithProjection's projection initialisation
+            nn.init.normal_(module.visual_projection.weight, std=self.config.hidden_size**-0.5 * self.config.initializer_factor)
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """CLIP's image embedding (B, projection_dim), unnormalised: the CLS path of the ordinary forward."""
+        pooled = self(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).pooler_output
+        return self.visual_projection(pooled)
+
+    def get_dense_features(self, pixel_values: torch.Tensor) -> DeCLIPDenseOutput:
+        """Dense content features (B, D, h, w) and context features (B, N, C) for images of any size that is a
+        multiple of the patch size (the position embedding is resized bicubically)."""
+        batch_size, _, height, width = pixel_values.shape
+        grid_height, grid_width = self._grid_size(height, width)
+        hidden_states = self._encode_before_last_layer(pixel_values)
+        content_tokens, context = self.decoupled_path(self.encoder.layers[-1], hidden_states)
+        # Layer norm and projection act per token, so the CLS row can be dropped first.
+        content = self.visual_projection(self.post_layernorm(content_tokens[:, 1:]))  # (B, N, D)
+        # (B, N, D) -> (B, D, h, w), patches in row-major order
+        dense = content.transpose(1, 2).reshape(batch_size, -1, grid_height, grid_width)
+        return DeCLIPDenseOutput(
+            dense_embeds=F.normalize(dense, dim=1),
+            context_features=tuple(feature[:, 1:] for feature in context),
+        )
+
+    def get_region_features(self, pixel_values: torch.Tensor, boxes: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """One (K_i, D) tensor of L2-normalised RoIAlign features per image; `boxes` are (K_i, 4) normalised xyxy
+        in the input frame."""
+        region_embeds = pool_boxes(self.get_dense_features(pixel_values).dense_embeds, boxes)
+        return region_embeds.split([len(image_boxes) for image_boxes in boxes])
+
+    def get_mask_features(self, pixel_values: torch.Tensor, masks: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """One (K_i, D) tensor of L2-normalised mask-pooled features per image; `masks` are (K_i, H, W)."""
+        mask_embeds = pool_masks(self.get_dense_features(pixel_values).dense_embeds, masks)
+        return mask_embeds.split([len(image_masks) for image_masks in masks])
+
+    def _grid_size(self, height: int, width: int) -> tuple[int, int]:
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Input size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
+                f"pad or resize the image to a multiple of {self.patch_size} on each side."
+            )
+        return height // self.patch_size, width // self.patch_size
+
+    def _encode_before_last_layer(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden_states = self.pre_layrnorm(hidden_states)
+        for layer in self.encoder.layers[:-1]:
+            hidden_states = layer(hidden_states, None)
+        return hidden_states
