@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random checkpoints on disk and an offline Hugging Face Hub cache."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from declip_hf.tiny import save_tiny_clip, save_tiny_dinov2
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A random CLIPModel (both towers, tokenizer, image processor) in the Hub's on-disk layout."""
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_dir(tmp_path_factory) -> Path:
+    return save_tiny_dinov2(tmp_path_factory.mktemp("tiny_dinov2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_registers_dir(tmp_path_factory) -> Path:
+    return save_tiny_dinov2(tmp_path_factory.mktemp("tiny_dinov2_reg"), num_register_tokens=4)
+
+
+def build_offline_hub_cache(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0" * 40) -> dict[str, str]:
+    """Lay `folder` out as the Hub cache snapshot of model `repo_id` and return the environment that makes
+    `from_pretrained(repo_id)` resolve it offline (set it before `huggingface_hub` is imported, e.g. in a
+    subprocess)."""
+    repo_cache = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo_cache / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_cache / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo_cache / "snapshots" / commit, dirs_exist_ok=True)
+    return {**os.environ, "HF_HUB_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path):
+    """Factory: `offline_hub_cache(repo_id, folder) -> env` for subprocesses that load `repo_id` offline."""
+    return lambda repo_id, folder: build_offline_hub_cache(tmp_path / "hub_cache", repo_id, folder)
