@@ -1,0 +1,228 @@
+"""The three training views of one image for DeCLIP distillation (CVPR 2025, arXiv 2505.04410), §3 of the method.
+
+From a decoded RGB image: the student view (letterboxed, CLIP-normalised), up to `max_crops` grid crops for the
+frozen CLIP teacher together with their boxes in the student frame, and the VFM view whose patch grid equals the
+student's.
+
+Choices where the method page is silent, following the authors' recipe (CLIPSelf / DeCLIP `GridDistillDataset`
+with open_clip's `ResizeLongest` / `ResizeMaxSize` transforms) unless said otherwise:
+
+- Resized sizes are `round(side * target / longest_side)` (Python's `round`, as open_clip does), at least 1 px.
+- Grid cells have integer pixel edges: the j-th of N column edges is `floor(j * W0 / N + 1/2)` (rows alike), so
+  the cells tile the image exactly. The authors crop with the float edges `j * W0 / N` (PIL's `crop` rounds them)
+  but keep the float edges as boxes; we use the same integer edges for the crop and its box, so a box describes
+  exactly the pixels its crop shows (the two recipes differ by under half an original pixel per edge).
+- A box is mapped into the student frame with the exact scale `student_size / max(W0, H0)` (the authors'
+  `get_scale`), then divided by `student_size`; that is, `box = edges / max(W0, H0)`.
+- Alpha is dropped, not composited: the authors call `PIL.Image.convert("RGB")`, which keeps the stored colour of
+  transparent pixels. 16-bit and 32-bit grey images are scaled to 8 bit by their bit depth instead of PIL's
+  clipping (which turns most of a 16-bit image white). EXIF orientation is not applied (neither do the authors).
+"""
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from torchvision.transforms.functional import pil_to_tensor
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+# §3: images smaller than this on a side are skipped.
+MIN_IMAGE_SIDE = 10
+
+# Every reason an image can be skipped for; the order is the layout of the per-batch "skipped" count tensor.
+SKIP_REASONS = ("undecodable", "truncated", "too_large", "missing", "tiny", "mode")
+
+_BICUBIC = PIL.Image.Resampling.BICUBIC
+
+
+class UnusableImage(ValueError):
+    """An image that cannot be turned into training views; `reason` is one of `SKIP_REASONS`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"Unknown skip reason {reason!r}; valid reasons: {', '.join(SKIP_REASONS)}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class ViewConfig:
+    """Sizes and normalisation of the three views.
+
+    Args:
+        student_size (`int`, *optional*, defaults to 560): side of the square student input.
+        student_patch (`int`, *optional*, defaults to 16): the student's patch size; `student_size` must be a multiple.
+        teacher_size (`int`, *optional*, defaults to 224): side of the square teacher crops.
+        vfm_patch (`int`, *optional*, defaults to 14): the VFM's patch size; the VFM view is `vfm_size` square.
+        max_split (`int`, *optional*, defaults to 6): the largest number of grid rows or columns.
+        max_crops (`int`, *optional*, defaults to 20): crops kept per image (tensors are padded to this many).
+        clip_mean, clip_std (`tuple[float]`, *optional*, default to OpenAI CLIP's): student and teacher normalisation.
+        vfm_mean, vfm_std (`tuple[float]`, *optional*, default to ImageNet's): VFM normalisation.
+    """
+
+    student_size: int = 560
+    student_patch: int = 16
+    teacher_size: int = 224
+    vfm_patch: int = 14
+    max_split: int = 6
+    max_crops: int = 20
+    clip_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN)
+    clip_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD)
+    vfm_mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
+    vfm_std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
+
+    def __post_init__(self):
+        for name in ("student_size", "student_patch", "teacher_size", "vfm_patch", "max_split", "max_crops"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.student_size % self.student_patch != 0:
+            lower = self.student_size - self.student_size % self.student_patch
+            raise ValueError(
+                f"student_size={self.student_size} is not a multiple of the student's patch size "
+                f"{self.student_patch}; use e.g. {lower} or {lower + self.student_patch}"
+            )
+        for name in ("clip_mean", "clip_std", "vfm_mean", "vfm_std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"{name} needs one value per RGB channel, got {getattr(self, name)}")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the student view (35 at 560 / 16)."""
+        return self.student_size // self.student_patch
+
+    @property
+    def vfm_size(self) -> int:
+        """Side of the VFM view, chosen so the VFM patch grid equals the student's (490 at 560 / 16 with /14)."""
+        return self.grid_size * self.vfm_patch
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Return `image` as 8-bit RGB, or raise `UnusableImage` ("tiny" under 10 px a side, "mode" if not convertible)."""
+    width, height = image.size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise UnusableImage("tiny", f"{width}x{height} px, the minimum is {MIN_IMAGE_SIDE} px a side")
+    converter = _RGB_CONVERTERS.get(image.mode, _convert_with_pil)
+    try:
+        return converter(image)
+    except (ValueError, OSError) as error:
+        raise UnusableImage("mode", f"cannot convert mode {image.mode!r} to RGB ({error})") from error
+
+
+def _convert_with_pil(image: PIL.Image.Image) -> PIL.Image.Image:
+    # CMYK, YCbCr, L, LA, 1, RGBA, ...: PIL's own conversion, as the authors do (alpha is dropped).
+    return image.convert("RGB")
+
+
+def _palette_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    # Same pixels as convert("RGB"), minus PIL's warning about palette transparency given in bytes.
+    return image.convert("RGBA").convert("RGB")
+
+
+def _wide_grey_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """16-bit ("I;16*") or 32-bit ("I", "F") grey: scale by the bit depth instead of PIL's clipping to 255."""
+    values = np.asarray(image).astype(np.float64)
+    # "I" and "F" carry no bit depth; the usual source of wide grey values is 16-bit PNG/TIFF, so values above the
+    # 8-bit range are read as 16-bit and values within it as 8-bit.
+    is_sixteen_bit = image.mode.startswith("I;16") or values.max(initial=0.0) > 255
+    if is_sixteen_bit:
+        values = values / 257.0  # 65535 -> 255 exactly
+    grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(grey, mode="L").convert("RGB")
+
+
+_RGB_CONVERTERS = {
+    "RGB": lambda image: image,
+    "P": _palette_to_rgb,
+    "PA": _palette_to_rgb,
+    "I": _wide_grey_to_rgb,
+    "F": _wide_grey_to_rgb,
+    "I;16": _wide_grey_to_rgb,
+    "I;16L": _wide_grey_to_rgb,
+    "I;16B": _wide_grey_to_rgb,
+    "I;16N": _wide_grey_to_rgb,
+}
+
+
+def grid_choices(max_split: int) -> list[tuple[int, int]]:
+    """All (rows M, columns N) with 1 <= M <= max_split and ceil(M/2) <= N <= min(2M, max_split), M-major order."""
+    return [
+        (rows, columns)
+        for rows in range(1, max_split + 1)
+        for columns in range(math.ceil(rows / 2), min(2 * rows, max_split) + 1)
+    ]
+
+
+def grid_edges(length: int, parts: int) -> list[int]:
+    """`parts + 1` integer edges splitting `length` pixels: edge j is floor(j * length / parts + 1/2)."""
+    return [(2 * j * length + parts) // (2 * parts) for j in range(parts + 1)]
+
+
+def grid_cells(width: int, height: int, rows: int, columns: int) -> list[tuple[int, int, int, int]]:
+    """The non-empty cells (x0, y0, x1, y1) of a rows x columns grid over a width x height image, row-major."""
+    x_edges, y_edges = grid_edges(width, columns), grid_edges(height, rows)
+    cells = [
+        (x_edges[j], y_edges[i], x_edges[j + 1], y_edges[i + 1]) for i in range(rows) for j in range(columns)
+    ]
+    # Cells are only empty when an image has fewer pixels than grid lines (max_split > 10 on a tiny image).
+    return [cell for cell in cells if cell[2] > cell[0] and cell[3] > cell[1]]
+
+
+def letterbox(
+    image: PIL.Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...], centred: bool
+) -> torch.Tensor:
+    """Resize the longest side to `size` (bicubic), pad with black to a square, normalise: (3, size, size) float32.
+
+    `centred` puts the left/top padding at floor(pad / 2) (teacher crops); otherwise the image sits top-left and the
+    padding is right/bottom (student and VFM views).
+    """
+    width, height = image.size
+    scale = size / max(width, height)
+    new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = image.resize((new_width, new_height), _BICUBIC)
+    left, top = ((size - new_width) // 2, (size - new_height) // 2) if centred else (0, 0)
+
+    canvas = torch.zeros(3, size, size)  # black, i.e. pixel value 0 before normalisation
+    canvas[:, top : top + new_height, left : left + new_width] = pil_to_tensor(resized).float() / 255.0
+    mean_t = torch.tensor(mean).view(3, 1, 1)
+    std_t = torch.tensor(std).view(3, 1, 1)
+    return (canvas - mean_t) / std_t
+
+
+def make_grid_crops(
+    image: PIL.Image.Image, config: ViewConfig, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grid crops for the teacher, their student-frame boxes and validity, each padded to `max_crops` rows.
+
+    Returns `crops` (max_crops, 3, T, T), `boxes` (max_crops, 4) xyxy in [0, 1] of the student frame and
+    `crop_valid` (max_crops,) bool; valid crops come first, the rest are zeros.
+    """
+    width, height = image.size
+    rows, columns = rng.choice(grid_choices(config.max_split))
+    cells = grid_cells(width, height, rows, columns)
+    rng.shuffle(cells)
+    cells = cells[: config.max_crops]
+
+    crops = torch.zeros(config.max_crops, 3, config.teacher_size, config.teacher_size)
+    boxes = torch.zeros(config.max_crops, 4)
+    for index, cell in enumerate(cells):
+        crop = image.crop(cell)
+        crops[index] = letterbox(crop, config.teacher_size, config.clip_mean, config.clip_std, centred=True)
+    # Original pixels -> student frame (scale S / max(W0, H0)) -> divided by S.
+    boxes[: len(cells)] = torch.tensor(cells, dtype=torch.float64).div(max(width, height)).float()
+    crop_valid = torch.arange(config.max_crops) < len(cells)
+    return crops, boxes, crop_valid
+
+
+def make_views(image: PIL.Image.Image, config: ViewConfig, rng: random.Random) -> dict[str, torch.Tensor]:
+    """The three views of §3 for one RGB image (see `to_rgb`): keys student, crops, boxes, crop_valid, vfm."""
+    crops, boxes, crop_valid = make_grid_crops(image, config, rng)
+    return {
+        "student": letterbox(image, config.student_size, config.clip_mean, config.clip_std, centred=False),
+        "crops": crops,
+        "boxes": boxes,
+        "crop_valid": crop_valid,
+        "vfm": letterbox(image, config.vfm_size, config.vfm_mean, config.vfm_std, centred=False),
+    }
