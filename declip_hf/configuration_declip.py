@@ -37,13 +37,15 @@ class DeCLIPVisionConfig(CLIPVisionConfig):
 
     decoupled_attention: str = "qq"
 
-    def validate_decoupled_attention(self):
-        """Part of `@strict` validation: the mode must be one `modeling_declip` implements."""
-        if self.decoupled_attention not in DECOUPLED_ATTENTION_MODES:
+    def __setattr__(self, name, value):
+        # Checked on every assignment rather than in a `validate_*` method: `@strict` wraps those errors in a
+        # `StrictDataclassClassValidationError` (not a ValueError), and `from_pretrained(..., decoupled_attention=x)`
+        # sets the attribute after construction, which no class validator sees.
+        if name == "decoupled_attention" and value not in DECOUPLED_ATTENTION_MODES:
             raise ValueError(
-                f"Unknown decoupled_attention {self.decoupled_attention!r}; "
-                f"valid values are {', '.join(DECOUPLED_ATTENTION_MODES)}."
+                f"Unknown decoupled_attention {value!r}; valid values are {', '.join(DECOUPLED_ATTENTION_MODES)}."
             )
+        super().__setattr__(name, value)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

@@ -65,11 +65,13 @@ class SelfSimilarityAttention:
         # Context features are the projections the weights are built from, each once, in q, k, v order.
         used = {name for group in similarity_groups for name in group}
         self.context_names = tuple(name for name in ("q", "k", "v") if name in used)
+        # v is always attended over; the other projections are computed only where a group reads them.
+        self.projection_names = tuple(name for name in ("q", "k", "v") if name in used | {"v"})
 
     def __call__(self, layer: CLIPEncoderLayer, hidden_states: torch.Tensor):
         attention = layer.self_attn
         normed = layer.layer_norm1(hidden_states)
-        projections = {"q": attention.q_proj(normed), "k": attention.k_proj(normed), "v": attention.v_proj(normed)}
+        projections = {name: getattr(attention, f"{name}_proj")(normed) for name in self.projection_names}
         heads = {name: _split_heads(tensor, attention.num_heads) for name, tensor in projections.items()}
         attended = sum(self._attend(heads, group, attention.scale) for group in self.similarity_groups)
         content_tokens = attention.out_proj(_merge_heads(attended))

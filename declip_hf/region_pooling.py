@@ -42,7 +42,7 @@ def pool_masks(dense_embeds: torch.Tensor, masks: list[torch.Tensor]) -> torch.T
     for image_features, image_masks in zip(dense_embeds, masks):
         # The method notes do not name the resize mode; bilinear is what CLIPSelf/DeCLIP-style mask pooling uses.
         weights = F.interpolate(
-            image_masks[:, None].to(image_features.dtype), size=(grid_height, grid_width), mode="bilinear", align_corners=False
+            image_masks[:, None].to(image_features), size=(grid_height, grid_width), mode="bilinear", align_corners=False
         ).flatten(1)  # (K, h*w)
         features = image_features.flatten(1)  # (D, h*w)
         pooled.append((weights @ features.T) / (weights.sum(dim=1, keepdim=True) + 1e-12))
