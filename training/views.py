@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from torchvision.transforms.functional import pil_to_tensor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 # §3: images smaller than this on a side are skipped.
@@ -170,10 +169,8 @@ def grid_cells(width: int, height: int, rows: int, columns: int) -> list[tuple[i
     return [cell for cell in cells if cell[2] > cell[0] and cell[3] > cell[1]]
 
 
-def letterbox(
-    image: PIL.Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...], centred: bool
-) -> torch.Tensor:
-    """Resize the longest side to `size` (bicubic), pad with black to a square, normalise: (3, size, size) float32.
+def letterbox(image: PIL.Image.Image, size: int, centred: bool) -> PIL.Image.Image:
+    """Resize the longest side to `size` (bicubic) and pad with black to a `size` square.
 
     `centred` puts the left/top padding at floor(pad / 2) (teacher crops); otherwise the image sits top-left and the
     padding is right/bottom (student and VFM views).
@@ -183,12 +180,17 @@ def letterbox(
     new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
     resized = image.resize((new_width, new_height), _BICUBIC)
     left, top = ((size - new_width) // 2, (size - new_height) // 2) if centred else (0, 0)
+    canvas = PIL.Image.new("RGB", (size, size))  # black: pixel value 0 before normalisation
+    canvas.paste(resized, (left, top))
+    return canvas
 
-    canvas = torch.zeros(3, size, size)  # black, i.e. pixel value 0 before normalisation
-    canvas[:, top : top + new_height, left : left + new_width] = pil_to_tensor(resized).float() / 255.0
-    mean_t = torch.tensor(mean).view(3, 1, 1)
-    std_t = torch.tensor(std).view(3, 1, 1)
-    return (canvas - mean_t) / std_t
+
+def normalise(images: list[PIL.Image.Image], mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Same-sized RGB images -> (len, 3, H, W) float32, `(pixel / 255 - mean) / std`, in one tensor operation."""
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images]))  # (K, H, W, 3) uint8
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean_t) / std_t
 
 
 def make_grid_crops(
@@ -206,10 +208,9 @@ def make_grid_crops(
     cells = cells[: config.max_crops]
 
     crops = torch.zeros(config.max_crops, 3, config.teacher_size, config.teacher_size)
+    padded = [letterbox(image.crop(cell), config.teacher_size, centred=True) for cell in cells]
+    crops[: len(cells)] = normalise(padded, config.clip_mean, config.clip_std)
     boxes = torch.zeros(config.max_crops, 4)
-    for index, cell in enumerate(cells):
-        crop = image.crop(cell)
-        crops[index] = letterbox(crop, config.teacher_size, config.clip_mean, config.clip_std, centred=True)
     # Original pixels -> student frame (scale S / max(W0, H0)) -> divided by S.
     boxes[: len(cells)] = torch.tensor(cells, dtype=torch.float64).div(max(width, height)).float()
     crop_valid = torch.arange(config.max_crops) < len(cells)
@@ -219,10 +220,12 @@ def make_grid_crops(
 def make_views(image: PIL.Image.Image, config: ViewConfig, rng: random.Random) -> dict[str, torch.Tensor]:
     """The three views of §3 for one RGB image (see `to_rgb`): keys student, crops, boxes, crop_valid, vfm."""
     crops, boxes, crop_valid = make_grid_crops(image, config, rng)
+    student = letterbox(image, config.student_size, centred=False)
+    vfm = letterbox(image, config.vfm_size, centred=False)
     return {
-        "student": letterbox(image, config.student_size, config.clip_mean, config.clip_std, centred=False),
+        "student": normalise([student], config.clip_mean, config.clip_std)[0],  # (3, S, S)
         "crops": crops,
         "boxes": boxes,
         "crop_valid": crop_valid,
-        "vfm": letterbox(image, config.vfm_size, config.vfm_mean, config.vfm_std, centred=False),
+        "vfm": normalise([vfm], config.vfm_mean, config.vfm_std)[0],  # (3, V, V)
     }
