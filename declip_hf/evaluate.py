@@ -1,0 +1,459 @@
+"""Evaluate a DeCLIP (or CLIP) checkpoint: training-free segmentation mIoU on the 8 benchmarks of DeCLIP (CVPR 2025,
+method notes section 6) and region classification (box and mask) on COCO-panoptic-style data.
+
+    python -m declip_hf.evaluate --model PATH_OR_ID --benchmarks voc21,context60 --output results.json
+
+Bad input never turns into a silently wrong number:
+- a label value outside the class list (other than the ignore index), or a segment with an unknown category:
+  error, naming the sample (the spec's class list or label mapping is wrong, so every number would be);
+- an image and label map of different sizes, or an undecodable image: the sample is skipped, warned about and
+  counted under `skipped` in the results;
+- a split with no usable sample: error.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import platform
+from collections import Counter
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .benchmarks import (
+    REGION_BENCHMARKS,
+    SEGMENTATION_BENCHMARKS,
+    RegionBenchmark,
+    SegmentationBenchmark,
+    get_region_benchmark,
+    get_segmentation_benchmark,
+)
+from .region_pooling import pool_boxes, pool_masks
+from .segmentation import DeCLIPSegmenter, image_to_tensor, split_class_names
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = "DeCLIP training-free segmentation (method notes §6)"
+
+PRECISIONS = {
+    "fp32": lambda device_type: contextlib.nullcontext(),
+    "bf16": lambda device_type: torch.autocast(device_type, dtype=torch.bfloat16),
+    "fp16": lambda device_type: torch.autocast(device_type, dtype=torch.float16),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Metric
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentationMetrics:
+    """Percentages; per-class entries are NaN for classes with neither ground truth nor prediction."""
+
+    per_class_iou: np.ndarray
+    per_class_accuracy: np.ndarray
+    mean_iou: float
+    all_accuracy: float
+    mean_accuracy: float
+
+
+class ConfusionMatrix:
+    """Confusion matrix accumulated over a whole split, with mmseg `IoUMetric` semantics.
+
+    Pixels labelled `ignore_index` are left out (whatever is predicted there). A class with no ground truth and no
+    prediction has IoU 0/0 = NaN and is excluded from the mean; one predicted but absent from the ground truth
+    has IoU 0 and counts.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64)  # rows: label, columns: prediction
+
+    def update(self, prediction: torch.Tensor, label: torch.Tensor) -> None:
+        if prediction.shape != label.shape:
+            raise ValueError(f"Prediction {tuple(prediction.shape)} and label {tuple(label.shape)} differ in size.")
+        valid = label != self.ignore_index
+        label, prediction = label[valid].long(), prediction[valid].long()
+        if len(label) and (label.min() < 0 or label.max() >= self.num_classes):
+            raise ValueError(f"Label values outside [0, {self.num_classes}) and not {self.ignore_index}.")
+        if len(prediction) and (prediction.min() < 0 or prediction.max() >= self.num_classes):
+            raise ValueError(f"Predicted classes outside [0, {self.num_classes}).")
+        pairs = label * self.num_classes + prediction
+        self.matrix += torch.bincount(pairs, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
+
+    def compute(self) -> SegmentationMetrics:
+        matrix = self.matrix.double()
+        intersection = matrix.diag()
+        label_area, predicted_area = matrix.sum(dim=1), matrix.sum(dim=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = (intersection / (label_area + predicted_area - intersection)).numpy() * 100
+            accuracy = (intersection / label_area).numpy() * 100
+        total = label_area.sum().item()
+        return SegmentationMetrics(
+            per_class_iou=iou,
+            per_class_accuracy=accuracy,
+            mean_iou=float(np.nanmean(iou)) if not np.isnan(iou).all() else math.nan,
+            all_accuracy=intersection.sum().item() / total * 100 if total else math.nan,
+            mean_accuracy=float(np.nanmean(accuracy)) if not np.isnan(accuracy).all() else math.nan,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_split(path: str, config_name, split: str, data_files, columns: tuple[str, ...]):
+    """Stream one split; image columns are left undecoded so a broken file is skipped, not fatal."""
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
+
+    dataset = load_dataset(path, config_name, split=split, data_files=data_files, streaming=True)
+    features = dataset.features
+    if features is not None:
+        missing = [column for column in columns if column not in features]
+        if missing:
+            raise ValueError(f"{path} ({split}) has no column(s) {missing}; its columns are {list(features)}.")
+        for column in columns:
+            if isinstance(features[column], ImageFeature):
+                dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset
+
+
+def _split_size(dataset) -> int | None:
+    try:
+        return dataset.info.splits[dataset.split].num_examples
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def decode_image(value) -> Image.Image | None:
+    """A PIL image from what a dataset column holds (PIL image, `{"bytes", "path"}`, bytes or a path); `None` when
+    it cannot be decoded."""
+    try:
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
+        image = Image.open(source)
+        image.load()
+        return image
+    except Exception as error:  # PIL raises many types for broken files
+        logger.warning("Skipping an undecodable image: %s", error)
+        return None
+
+
+def prepare_label(label_image: Image.Image, spec: SegmentationBenchmark, sample_index: int) -> torch.LongTensor:
+    """Raw label map -> class indices (reduce_zero_label, then label_map), ignore pixels kept at `ignore_index`."""
+    raw = np.array(label_image)  # palette PNGs give their indices, as mmseg reads them
+    if raw.ndim == 3:
+        if not (raw == raw[..., :1]).all():
+            raise ValueError(f"Sample {sample_index} of {spec.name}: the label map has colour channels; a single-channel map of class ids is needed.")
+        raw = raw[..., 0]
+    label = torch.from_numpy(raw.astype(np.int64))
+    ignored = label == spec.ignore_index
+    if spec.reduce_zero_label:
+        label = torch.where(label == 0, spec.ignore_index, label - 1)
+        label[ignored] = spec.ignore_index
+    if spec.label_map is not None:
+        mapped = torch.full_like(label, spec.ignore_index)
+        for raw_value, class_index in spec.label_map.items():
+            mapped[label == int(raw_value)] = class_index
+        label = mapped
+    invalid = (label != spec.ignore_index) & ((label < 0) | (label >= spec.num_classes))
+    if invalid.any():
+        raise ValueError(
+            f"Sample {sample_index} of {spec.name}: label values {sorted(label[invalid].unique().tolist())[:10]} "
+            f"are outside the {spec.num_classes} classes and not the ignore index {spec.ignore_index}; "
+            "check the spec's class_names, reduce_zero_label and label_map."
+        )
+    return label
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Segmentation benchmark
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _display_names(spec: SegmentationBenchmark) -> list[str]:
+    """One unique, readable key per class for the results file: its first name ("background" for class 0 when
+    the benchmark has a background class, whose names are a list of stuff words)."""
+    names = [names[0] for names in split_class_names(spec.class_names)]
+    if spec.has_background:
+        names[0] = "background"
+    counts = Counter(names)
+    return [name if counts[name] == 1 else f"{name} ({index})" for index, name in enumerate(names)]
+
+
+def _percent_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else round(float(value), 4)
+
+
+def evaluate_segmentation(segmenter: DeCLIPSegmenter, spec: SegmentationBenchmark, max_images=None, **kwargs) -> dict:
+    """mIoU, aAcc, mAcc and per-class IoU of one benchmark, as the results file records them."""
+    from tqdm.auto import tqdm
+
+    dataset = load_split(spec.path, spec.config_name, spec.split, spec.data_files, (spec.image_column, spec.label_column))
+    classes = segmenter.encode_classes(spec.class_names)
+    matrix = ConfusionMatrix(spec.num_classes, spec.ignore_index)
+    skipped, num_images = Counter(), 0
+    total = min(filter(None, (_split_size(dataset), max_images)), default=None)
+    for index, sample in enumerate(tqdm(islice(dataset, max_images), total=total, desc=spec.name)):
+        image, label_image = decode_image(sample[spec.image_column]), decode_image(sample[spec.label_column])
+        if image is None or label_image is None:
+            skipped["undecodable"] += 1
+            continue
+        label = prepare_label(label_image, spec, index)
+        if tuple(label.shape) != (image.height, image.width):
+            logger.warning("Skipping sample %d of %s: image %dx%d, label %dx%d.", index, spec.name, image.height,
+                           image.width, *label.shape)
+            skipped["size_mismatch"] += 1
+            continue
+        prediction = segmenter(
+            [image.convert("RGB")], classes, shorter_side=spec.shorter_side, max_longer_side=spec.max_longer_side,
+            window=spec.window, stride=spec.stride, logit_scale=spec.logit_scale,
+            background_threshold=spec.background_threshold, **kwargs,
+        ).label_maps[0]
+        matrix.update(prediction, label)
+        num_images += 1
+    if num_images == 0:
+        raise ValueError(f"{spec.name}: no usable sample in {spec.path} ({spec.split}); skipped: {dict(skipped)}.")
+    metrics = matrix.compute()
+    return {
+        "mIoU": _percent_or_none(metrics.mean_iou),
+        "aAcc": _percent_or_none(metrics.all_accuracy),
+        "mAcc": _percent_or_none(metrics.mean_accuracy),
+        "per_class_IoU": dict(zip(_display_names(spec), map(_percent_or_none, metrics.per_class_iou))),
+        "num_images": num_images,
+        "skipped": dict(skipped),
+        "settings": {**spec.settings(), "num_templates": len(segmenter.templates)},
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Region classification
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageRegions:
+    boxes: torch.Tensor  # (K, 4) xyxy normalised in the padded square frame
+    masks: torch.Tensor  # (K, L, L) in the padded square frame, L = longest side in original pixels
+    class_indices: torch.Tensor  # (K,)
+
+
+def _segments_as_list(segments) -> list[dict]:
+    """`datasets` may hand a list of dicts or, for a `Sequence` of structs, a dict of lists."""
+    if isinstance(segments, dict):
+        keys = list(segments)
+        return [dict(zip(keys, values)) for values in zip(*(segments[key] for key in keys))]
+    return list(segments)
+
+
+def panoptic_regions(panoptic: Image.Image, segments, category_to_class: dict, skipped: Counter) -> ImageRegions:
+    """Boxes and masks of every non-crowd segment of a COCO panoptic PNG (segment id = R + 256 G + 256^2 B)."""
+    rgb = np.array(panoptic.convert("RGB")).astype(np.int64)
+    segment_ids = torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2])
+    height, width = segment_ids.shape
+    side = max(height, width)
+    boxes, masks, class_indices = [], [], []
+    for segment in _segments_as_list(segments):
+        if segment.get("iscrowd", 0):
+            skipped["crowd_regions"] += 1
+            continue
+        if segment["category_id"] not in category_to_class:
+            raise ValueError(f"Segment category id {segment['category_id']} is not among the spec's categories.")
+        mask = segment_ids == segment["id"]
+        rows, cols = torch.nonzero(mask, as_tuple=True)
+        if len(rows) == 0:
+            skipped["empty_regions"] += 1
+            continue
+        boxes.append(torch.stack([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]).float() / side)
+        # Padding right and bottom puts the mask in the square frame of the padded input.
+        masks.append(torch.nn.functional.pad(mask.float(), (0, side - width, 0, side - height)))
+        class_indices.append(category_to_class[segment["category_id"]])
+    if not boxes:
+        return ImageRegions(torch.zeros(0, 4), torch.zeros(0, side, side), torch.zeros(0, dtype=torch.long))
+    return ImageRegions(torch.stack(boxes), torch.stack(masks), torch.tensor(class_indices))
+
+
+def padded_square_view(image: Image.Image, size: int, segmenter: DeCLIPSegmenter) -> torch.Tensor:
+    """The student view of training (method notes section 3): longest side to `size` (bicubic), black padding
+    right and bottom to a square, then normalised. (1, 3, size, size)."""
+    scale = size / max(image.size)
+    resized = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(resized, (0, 0))
+    pixels = image_to_tensor(canvas).to(segmenter.device)
+    return ((pixels - segmenter.image_mean) / segmenter.image_std)[None]
+
+
+def _mean_class_accuracy(correct: torch.Tensor, total: torch.Tensor, selected: torch.Tensor) -> float | None:
+    present = selected & (total > 0)
+    if not present.any():
+        return None
+    return round((correct[present] / total[present]).mean().item() * 100, 4)
+
+
+def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_images=None) -> dict:
+    """Top-1 mean class accuracy of box (RoIAlign) and mask-pooled features, for things and stuff separately."""
+    from tqdm.auto import tqdm
+
+    dataset = load_split(
+        spec.path, spec.config_name, spec.split, spec.data_files,
+        (spec.image_column, spec.panoptic_column, spec.segments_column),
+    )
+    classes = segmenter.encode_classes([category["name"] for category in spec.categories])
+    name_embeds = classes.name_embeds.to(segmenter.device)
+    category_to_class = {category["id"]: index for index, category in enumerate(spec.categories)}
+    is_thing = torch.tensor([bool(category["isthing"]) for category in spec.categories])
+    total = torch.zeros(len(spec.categories))
+    correct = {"box": torch.zeros(len(spec.categories)), "mask": torch.zeros(len(spec.categories))}
+    skipped, num_images = Counter(), 0
+    for sample in tqdm(islice(dataset, max_images), desc=spec.name):
+        image, panoptic = decode_image(sample[spec.image_column]), decode_image(sample[spec.panoptic_column])
+        if image is None or panoptic is None:
+            skipped["undecodable"] += 1
+            continue
+        if panoptic.size != image.size:
+            skipped["size_mismatch"] += 1
+            continue
+        regions = panoptic_regions(panoptic, sample[spec.segments_column], category_to_class, skipped)
+        if len(regions.class_indices) == 0:
+            skipped["no_regions"] += 1
+            continue
+        with torch.no_grad():
+            # One dense map serves both poolings (what get_region_features and get_mask_features each compute).
+            dense = segmenter.vision_model.get_dense_features(padded_square_view(image, spec.image_size, segmenter))
+            pooled = {
+                "box": pool_boxes(dense.dense_embeds.float(), [regions.boxes]),
+                "mask": pool_masks(dense.dense_embeds.float(), [regions.masks.to(segmenter.device)]),
+            }
+        target = regions.class_indices
+        for kind, embeds in pooled.items():
+            prediction = classes.max_over_names(embeds @ name_embeds.T, dim=1).argmax(dim=1).cpu()
+            correct[kind] += torch.bincount(target[prediction == target], minlength=len(total)).float()
+        total += torch.bincount(target, minlength=len(total)).float()
+        num_images += 1
+    if num_images == 0:
+        raise ValueError(f"{spec.name}: no usable sample in {spec.path} ({spec.split}); skipped: {dict(skipped)}.")
+    result = {
+        kind: {
+            "thing_mAcc": _mean_class_accuracy(correct[kind], total, is_thing),
+            "stuff_mAcc": _mean_class_accuracy(correct[kind], total, ~is_thing),
+        }
+        for kind in ("box", "mask")
+    }
+    return {**result, "num_regions": int(total.sum()), "num_images": num_images, "skipped": dict(skipped),
+            "settings": spec.settings()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="DeCLIP or CLIP checkpoint: local folder or Hub id.")
+    parser.add_argument("--text-model", default=None,
+                        help="Checkpoint holding the CLIP text tower, if --model has none (neither text_encoder/ nor a CLIPModel).")
+    parser.add_argument("--decoupled-attention", default=None,
+                        help="Override the checkpoint's decoupled_attention (e.g. csa, or the vanilla/maskclip baselines).")
+    parser.add_argument("--benchmarks", default=",".join(SEGMENTATION_BENCHMARKS),
+                        help=f"Comma-separated built-in names ({', '.join(SEGMENTATION_BENCHMARKS)}) or YAML spec paths; '' for none.")
+    parser.add_argument("--region-benchmark", default="",
+                        help=f"Comma-separated region-classification specs (built-in: {', '.join(REGION_BENCHMARKS)}) or YAML paths.")
+    parser.add_argument("--output", required=True, help="Results JSON file (rewritten after each benchmark).")
+    parser.add_argument("--max-images", type=int, default=None, help="Evaluate only the first N samples of each split (a smoke test, not the protocol).")
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH_OR_ID",
+                        help="Replace a benchmark's dataset (load_dataset path: Hub id or local folder). Repeatable.")
+    parser.add_argument("--data-files", action="append", default=[], metavar="NAME=FILES",
+                        help="Set a benchmark's data_files (e.g. with --dataset NAME=parquet). Repeatable.")
+    parser.add_argument("--split", action="append", default=[], metavar="NAME=SPLIT", help="Replace a benchmark's split. Repeatable.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="Autocast precision of the forward passes.")
+    parser.add_argument("--windows-per-batch", type=int, default=16, help="Sliding-window crops per forward pass.")
+    return parser.parse_args(argv)
+
+
+def _overrides(pairs: list[str], option: str) -> dict[str, str]:
+    parsed = {}
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator:
+            raise ValueError(f"{option} expects NAME=VALUE, got {pair!r}.")
+        parsed[name] = value
+    return parsed
+
+
+# (argparse destination, spec attribute) of the per-benchmark overrides
+_SPEC_OVERRIDES = (("dataset", "path"), ("data_files", "data_files"), ("split", "split"))
+
+
+def _apply_overrides(spec, args) -> None:
+    for destination, attribute in _SPEC_OVERRIDES:
+        values = _overrides(getattr(args, destination), "--" + destination.replace("_", "-"))
+        if spec.name in values:
+            setattr(spec, attribute, values[spec.name])
+
+
+def collect_versions() -> dict:
+    import datasets
+    import transformers
+
+    from . import __version__
+
+    return {"declip_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "datasets": datasets.__version__, "python": platform.python_version()}
+
+
+def _specs(names: str, resolve) -> list:
+    return [resolve(name.strip()) for name in names.split(",") if name.strip()]
+
+
+def write_results(results: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    segmentation_specs = _specs(args.benchmarks, get_segmentation_benchmark)
+    region_specs = _specs(args.region_benchmark, get_region_benchmark)
+    for spec in segmentation_specs + region_specs:
+        _apply_overrides(spec, args)
+    model_kwargs = {"decoupled_attention": args.decoupled_attention} if args.decoupled_attention else {}
+    segmenter = DeCLIPSegmenter.from_pretrained(args.model, text_model=args.text_model, **model_kwargs).to(args.device)
+    precision = PRECISIONS[args.precision]
+    device_type = torch.device(args.device).type
+    results = {"model": args.model, "protocol": PROTOCOL, "benchmarks": {}, "region_classification": {},
+               "versions": collect_versions()}
+    results["versions"]["decoupled_attention"] = segmenter.vision_model.config.decoupled_attention
+    for spec in segmentation_specs:
+        with precision(device_type):
+            result = evaluate_segmentation(segmenter, spec, args.max_images, windows_per_batch=args.windows_per_batch)
+        results["benchmarks"][spec.name] = {**result, "settings": {**result["settings"], "precision": args.precision}}
+        write_results(results, args.output)
+        logger.info("%s: mIoU %.2f", spec.name, result["mIoU"] or math.nan)
+    for spec in region_specs:
+        with precision(device_type):
+            results["region_classification"][spec.name] = evaluate_regions(segmenter, spec, args.max_images)
+        write_results(results, args.output)
+    write_results(results, args.output)
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

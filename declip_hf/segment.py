@@ -1,0 +1,101 @@
+"""Demo: segment one image into the given words with DeCLIP and save a colour overlay with a legend.
+
+    python -m declip_hf.segment street.jpg --labels "road,car;vehicle,person,sky" --out overlay.png
+
+Works with any compatible checkpoint (a DeCLIP release or a plain CLIP, local folder or Hub id).
+"""
+
+import argparse
+import colorsys
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .segmentation import DeCLIPSegmenter, split_class_names
+
+# The ViT-B/16 DeCLIP release; any CLIP-compatible checkpoint works, e.g. "openai/clip-vit-base-patch16".
+DEFAULT_MODEL = "declip-hf/declip-vitb16"
+
+# Distinct, saturated colours for the first classes (Tableau 10), then evenly spaced hues.
+_BASE_PALETTE = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)
+UNLABELLED = -1
+
+
+def palette(num_classes: int) -> list[tuple[int, int, int]]:
+    extra = num_classes - len(_BASE_PALETTE)
+    hues = [colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.75, 0.95) for index in range(max(extra, 0))]
+    return list(_BASE_PALETTE[:num_classes]) + [tuple(round(channel * 255) for channel in hue) for hue in hues]
+
+
+def colour_overlay(image: Image.Image, label_map: torch.Tensor, colours, opacity: float = 0.55) -> Image.Image:
+    """Blend one colour per class over the image; pixels labelled UNLABELLED keep the image."""
+    colour_table = torch.tensor(colours + [(0, 0, 0)], dtype=torch.uint8)  # the last row serves UNLABELLED
+    indices = torch.where(label_map == UNLABELLED, len(colours), label_map)
+    colour_layer = Image.fromarray(colour_table[indices].numpy())
+    blended = Image.blend(image.convert("RGB"), colour_layer, opacity)
+    blended.paste(image.convert("RGB"), mask=Image.fromarray((label_map == UNLABELLED).numpy().astype("uint8") * 255))
+    return blended
+
+
+def add_legend(overlay: Image.Image, names: list[str], colours, areas: list[float]) -> Image.Image:
+    """Append a legend panel on the right: colour swatch, name and share of the image per class."""
+    font = ImageFont.load_default()
+    line_height, swatch = 16, 12
+    entries = [f"{name} ({area:.0%})" for name, area in zip(names, areas)]
+    text_width = max(ImageDraw.Draw(overlay).textlength(entry, font=font) for entry in entries)
+    panel_width = int(swatch + 12 + text_width + 8)
+    height = max(overlay.height, line_height * len(names) + 8)
+    canvas = Image.new("RGB", (overlay.width + panel_width, height), (255, 255, 255))
+    canvas.paste(overlay, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, (entry, colour) in enumerate(zip(entries, colours)):
+        left, top = overlay.width + 4, 4 + row * line_height
+        draw.rectangle([left, top, left + swatch, top + swatch], fill=tuple(colour), outline=(0, 0, 0))
+        draw.text((left + swatch + 6, top), entry, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("image", help="Input image file.")
+    parser.add_argument("--labels", required=True,
+                        help='Comma-separated classes; several names of one class separated by ";" (e.g. "car;vehicle").')
+    parser.add_argument("--out", default="overlay.png", help="Output PNG: the overlay with a legend.")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="DeCLIP or CLIP checkpoint (local folder or Hub id).")
+    parser.add_argument("--text-model", default=None, help="Checkpoint with the CLIP text tower, if --model has none.")
+    parser.add_argument("--shorter-side", type=int, default=448, help="Resize the shorter image side to this.")
+    parser.add_argument("--window", type=int, default=336, help="Sliding-window size in pixels.")
+    parser.add_argument("--stride", type=int, default=112, help="Sliding-window stride in pixels.")
+    parser.add_argument("--logit-scale", type=float, default=40.0, help="Scale of the cosine similarities before softmax.")
+    parser.add_argument("--min-probability", type=float, default=None,
+                        help="Leave pixels whose best class probability is below this uncoloured.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Image.Image:
+    args = parse_args(argv)
+    class_names = [entry for entry in args.labels.split(",") if entry.strip()]
+    segmenter = DeCLIPSegmenter.from_pretrained(args.model, text_model=args.text_model).to(args.device)
+    image = Image.open(args.image).convert("RGB")
+    output = segmenter(
+        [image], class_names, shorter_side=args.shorter_side, window=args.window, stride=args.stride,
+        logit_scale=args.logit_scale, return_probabilities=True,
+    )
+    label_map, probabilities = output.label_maps[0], output.probabilities[0].cpu()
+    if args.min_probability is not None:
+        label_map = torch.where(probabilities.amax(dim=0) < args.min_probability, UNLABELLED, label_map)
+    colours = palette(len(class_names))
+    areas = [(label_map == index).float().mean().item() for index in range(len(class_names))]
+    names = [" / ".join(names) for names in split_class_names(class_names)]
+    result = add_legend(colour_overlay(image, label_map, colours), names, colours, areas)
+    result.save(args.out)
+    print(f"Wrote {args.out}: " + ", ".join(f"{name} {area:.1%}" for name, area in zip(names, areas)))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""Open-vocabulary semantic segmentation with DeCLIP's dense features (DeCLIP, CVPR 2025; method notes section 6).
+
+Training-free: every patch's content feature is compared with text embeddings of the class names (the 80 OpenAI
+ImageNet templates), over sliding windows, then softmax over the names; a class with several names takes the max
+over them. Inference follows the SCLIP / mmseg `slide_inference` code the training-free literature reports with.
+"""
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import AutoTokenizer, CLIPTextModelWithProjection, PretrainedConfig
+from transformers.image_processing_base import ImageProcessingMixin
+from transformers.utils import ModelOutput
+from transformers.utils import logging as transformers_logging
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from .modeling_declip import DeCLIPVisionModel
+from .prompts import OPENAI_IMAGENET_TEMPLATES
+
+TEXT_ENCODER_SUBFOLDER = "text_encoder"
+# Hub download options that also apply to the text tower, tokenizer and image-processor config.
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+
+
+@dataclass
+class DeCLIPSegmentationOutput(ModelOutput):
+    r"""
+    label_maps (`list[torch.LongTensor]`, each of shape `(height, width)` of its input image):
+        Class index per pixel; 0 where the background threshold applied.
+    probabilities (`list[torch.FloatTensor]`, each of shape `(num_classes, height, width)`, *optional*):
+        Per-class probability (softmax over all names, then the max over each class's names); returned when
+        `return_probabilities=True`.
+    """
+
+    label_maps: list[torch.LongTensor] | None = None
+    probabilities: list[torch.FloatTensor] | None = None
+
+
+@dataclass
+class ClassEmbeddings(ModelOutput):
+    r"""
+    name_embeds (`torch.FloatTensor` of shape `(num_names, projection_dim)`):
+        L2-normalised text embedding of every class name (template ensemble).
+    name_to_class (`torch.LongTensor` of shape `(num_names,)`):
+        Class index of every name.
+    """
+
+    name_embeds: torch.FloatTensor | None = None
+    name_to_class: torch.LongTensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.name_to_class.max()) + 1
+
+    def max_over_names(self, name_scores: torch.Tensor, dim: int) -> torch.Tensor:
+        """Per-class scores from per-name scores along `dim`: a class with several names scores their max."""
+        name_to_class = self.name_to_class.to(name_scores.device)
+        per_class = [
+            name_scores.index_select(dim, torch.nonzero(name_to_class == index).flatten()).amax(dim=dim)
+            for index in range(self.num_classes)
+        ]
+        return torch.stack(per_class, dim=dim)
+
+
+@dataclass
+class SlideInferenceOutput(ModelOutput):
+    r"""
+    logits (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+        Per-pixel mean of the windows' logits over the windows covering the pixel.
+    count_map (`torch.FloatTensor` of shape `(height, width)`):
+        Number of windows covering each pixel (never 0).
+    """
+
+    logits: torch.FloatTensor | None = None
+    count_map: torch.FloatTensor | None = None
+
+
+def split_class_names(class_names: Sequence[str | Sequence[str]]) -> list[tuple[str, ...]]:
+    """One tuple of names per class: `"person; people"` and `["person", "people"]` both give two names."""
+    classes = []
+    for entry in class_names:
+        names = entry.split(";") if isinstance(entry, str) else list(entry)
+        names = tuple(name.strip() for name in names if name.strip())
+        if not names:
+            raise ValueError(f"Class entry {entry!r} holds no name.")
+        classes.append(names)
+    if not classes:
+        raise ValueError("Got an empty class list.")
+    return classes
+
+
+def sliding_windows(height: int, width: int, window: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """mmseg's `slide_inference` grid: windows (y1, y2, x1, x2) start every `stride` pixels and the last one is
+    shifted back inside the image, so every pixel is covered; windows shrink to the image when it is smaller."""
+    if stride <= 0 or window <= 0:
+        raise ValueError(f"window ({window}) and stride ({stride}) must be positive.")
+    rows = max(height - window + stride - 1, 0) // stride + 1
+    cols = max(width - window + stride - 1, 0) // stride + 1
+    boxes = []
+    for row in range(rows):
+        for col in range(cols):
+            y2, x2 = min(row * stride + window, height), min(col * stride + window, width)
+            boxes.append((max(y2 - window, 0), y2, max(x2 - window, 0), x2))
+    return boxes
+
+
+def slide_inference(
+    image_tensor: torch.Tensor,
+    dense_logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    window: int,
+    stride: int,
+    num_classes: int,
+    windows_per_batch: int = 16,
+) -> SlideInferenceOutput:
+    """Average `dense_logits_fn` over sliding windows.
+
+    Args:
+        image_tensor: (B, 3, H, W).
+        dense_logits_fn: maps window crops (n, 3, h, w) to logits (n, num_classes, h, w) at the crops' resolution.
+        window, stride: square window side and step in pixels.
+        num_classes: channels returned by `dense_logits_fn`.
+        windows_per_batch: crops per `dense_logits_fn` call (all windows of an image have the same size).
+    """
+    batch_size, _, height, width = image_tensor.shape
+    boxes = sliding_windows(height, width, window, stride)
+    logits = image_tensor.new_zeros((batch_size, num_classes, height, width), dtype=torch.float32)
+    count_map = image_tensor.new_zeros((height, width), dtype=torch.float32)
+    for start in range(0, len(boxes), windows_per_batch):
+        chunk = boxes[start : start + windows_per_batch]
+        crops = torch.cat([image_tensor[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (len(chunk) * B, 3, h, w)
+        crop_logits = dense_logits_fn(crops).float().split(batch_size)
+        for (y1, y2, x1, x2), window_logits in zip(chunk, crop_logits):
+            logits[:, :, y1:y2, x1:x2] += window_logits
+            count_map[y1:y2, x1:x2] += 1
+    return SlideInferenceOutput(logits=logits / count_map, count_map=count_map)
+
+
+def resized_shape(height: int, width: int, shorter_side: int, max_longer_side: int = 2048) -> tuple[int, int]:
+    """mmcv's keep-ratio rescale to `scale=(max_longer_side, shorter_side)`: the shorter side becomes
+    `shorter_side` unless the longer side would then exceed `max_longer_side`."""
+    scale = min(max_longer_side / max(height, width), shorter_side / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def patch_padding(height: int, width: int, patch_size: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding up to a multiple of the patch size, split evenly as in SCLIP."""
+    pad_width, pad_height = -width % patch_size, -height % patch_size
+    return pad_width // 2, pad_width - pad_width // 2, pad_height // 2, pad_height - pad_height // 2
+
+
+def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(3, H, W) float RGB in [0, 1] from a PIL image, an (H, W, 3) uint8 array, or a (3, H, W) tensor (uint8, or
+    float already in [0, 1])."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: PIL's arrays are read-only
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"Expected an RGB image as a (3, H, W) tensor, got shape {tuple(image.shape)}.")
+    return image.float() / 255 if image.dtype == torch.uint8 else image.float()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Loading one tower from a two-tower CLIP checkpoint lists every weight of the other one as unexpected."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def _text_tower_subfolder(name_or_path: str, hub_kwargs: dict) -> str:
+    """Where a checkpoint keeps its CLIP text tower: DeCLIP folders under `text_encoder/`, CLIP ones at the root."""
+    for subfolder in (TEXT_ENCODER_SUBFOLDER, ""):
+        try:
+            config_dict, _ = PretrainedConfig.get_config_dict(name_or_path, subfolder=subfolder, **hub_kwargs)
+        except (OSError, ValueError):
+            continue
+        # Checked before loading: CLIPTextModelWithProjection would otherwise build a random tower from a vision
+        # config and only warn.
+        if config_dict.get("model_type") == "clip_text_model" or "text_config" in config_dict:
+            return subfolder
+    raise ValueError(
+        f"{name_or_path!r} holds no CLIP text tower (neither a `{TEXT_ENCODER_SUBFOLDER}/` subfolder nor a CLIPModel "
+        "config at its root); pass `text_model=` a CLIP checkpoint with the matching text encoder."
+    )
+
+
+def _load_text_tower(name_or_path: str, hub_kwargs: dict) -> tuple[CLIPTextModelWithProjection, object]:
+    subfolder = _text_tower_subfolder(str(name_or_path), hub_kwargs)
+    with _quiet_transformers():
+        text_model, loading_info = CLIPTextModelWithProjection.from_pretrained(
+            name_or_path, subfolder=subfolder, output_loading_info=True, **hub_kwargs
+        )
+    if loading_info["missing_keys"]:
+        raise ValueError(f"Text tower of {name_or_path!r} lacks weights: {sorted(loading_info['missing_keys'])[:5]}...")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=subfolder, **hub_kwargs)
+    return text_model.eval(), tokenizer
+
+
+def _image_normalisation(name_or_path: str, hub_kwargs: dict) -> tuple[list[float], list[float]]:
+    """The checkpoint's image mean/std (its image-processor config), CLIP's when it has none."""
+    try:
+        processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path, **hub_kwargs)
+    except OSError:
+        return list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
+    return processor_dict.get("image_mean", OPENAI_CLIP_MEAN), processor_dict.get("image_std", OPENAI_CLIP_STD)
+
+
+class DeCLIPSegmenter(nn.Module):
+    r"""
+    Zero-shot semantic segmentation from a list of class names.
+
+    Holds a [`DeCLIPVisionModel`], the matching CLIP text tower and tokenizer, and the image normalisation. Text
+    embeddings are cached per name, so a class list is encoded once.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from declip_hf.segmentation import DeCLIPSegmenter
+
+    >>> segmenter = DeCLIPSegmenter.from_pretrained("openai/clip-vit-base-patch16").to("cuda")
+    >>> output = segmenter([Image.open("street.jpg")], ["road", "car; vehicle", "person", "sky"])
+    >>> output.label_maps[0].shape  # (H, W) of the input image, values are indices into the class list
+    ```
+    """
+
+    def __init__(
+        self,
+        vision_model: DeCLIPVisionModel,
+        text_model: CLIPTextModelWithProjection,
+        tokenizer,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+        templates: Sequence[str] = OPENAI_IMAGENET_TEMPLATES,
+    ):
+        super().__init__()
+        self.vision_model = vision_model
+        self.text_model = text_model
+        self.tokenizer = tokenizer
+        self.templates = tuple(templates)
+        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        # name -> (projection_dim,) embedding on the CPU, shared by every class list that uses the name.
+        self._name_embedding_cache: dict[str, torch.Tensor] = {}
+        self.eval()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, text_model=None, tokenizer=None, **kwargs) -> "DeCLIPSegmenter":
+        """Load the vision side from `name_or_path` (DeCLIP or CLIP checkpoint, local or Hub id).
+
+        The text tower comes from `text_model` when given (a [`CLIPTextModelWithProjection`], then also pass
+        `tokenizer`, or a checkpoint name/path), else from `name_or_path`'s `text_encoder/` subfolder, else from its
+        root (a plain CLIP checkpoint). Other keyword arguments go to `DeCLIPVisionModel.from_pretrained`
+        (e.g. `decoupled_attention="csa"`, `dtype=torch.float16`).
+        """
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        with _quiet_transformers():
+            vision_model = DeCLIPVisionModel.from_pretrained(name_or_path, **kwargs)
+        if text_model is None or isinstance(text_model, str):
+            text_model, found_tokenizer = _load_text_tower(text_model or name_or_path, hub_kwargs)
+            tokenizer = tokenizer or found_tokenizer
+        elif tokenizer is None:
+            raise ValueError("Pass the `tokenizer` that goes with the given `text_model`.")
+        image_mean, image_std = _image_normalisation(name_or_path, hub_kwargs)
+        return cls(vision_model.eval(), text_model.eval(), tokenizer, image_mean, image_std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_mean.device
+
+    @torch.no_grad()
+    def encode_classes(self, class_names: Sequence[str | Sequence[str]], batch_size: int = 256) -> ClassEmbeddings:
+        """Text embeddings of every name: normalise(mean over templates of normalised template embeddings)."""
+        classes = split_class_names(class_names)
+        missing = sorted({name for names in classes for name in names} - self._name_embedding_cache.keys())
+        for name, embedding in zip(missing, self._embed_names(missing, batch_size)):
+            self._name_embedding_cache[name] = embedding
+        return ClassEmbeddings(
+            name_embeds=torch.stack([self._name_embedding_cache[name] for names in classes for name in names]),
+            name_to_class=torch.tensor([index for index, names in enumerate(classes) for _ in names]),
+        )
+
+    def _embed_names(self, names: list[str], batch_size: int) -> list[torch.Tensor]:
+        if not names:
+            return []
+        prompts = [template.format(name) for name in names for template in self.templates]
+        text_device = next(self.text_model.parameters()).device
+        embeds = []
+        # Outside any caller's autocast: the embeddings are cached and reused, so compute them once at full precision.
+        with torch.autocast(text_device.type, enabled=False):
+            for start in range(0, len(prompts), batch_size):
+                tokens = self.tokenizer(
+                    prompts[start : start + batch_size], padding=True, truncation=True, return_tensors="pt"
+                ).to(text_device)
+                embeds.append(F.normalize(self.text_model(**tokens).text_embeds.float(), dim=-1).cpu())
+        per_template = torch.cat(embeds).view(len(names), len(self.templates), -1)
+        return list(F.normalize(per_template.mean(dim=1), dim=-1))
+
+    @torch.no_grad()
+    def forward(
+        self,
+        images: Sequence[Image.Image | np.ndarray | torch.Tensor],
+        class_names: Sequence[str | Sequence[str]] | ClassEmbeddings,
+        shorter_side: int = 448,
+        max_longer_side: int = 2048,
+        window: int = 336,
+        stride: int = 112,
+        logit_scale: float = 40.0,
+        background_threshold: float | None = None,
+        return_probabilities: bool = False,
+        windows_per_batch: int = 16,
+    ) -> DeCLIPSegmentationOutput:
+        """Segment `images` (any sizes) into `class_names`; images of the same size are batched together.
+
+        Args:
+            images: PIL images, (H, W, 3) uint8 arrays or (3, H, W) tensors.
+            class_names: one entry per class ("cat", "person; people" or ["person", "people"]), or their
+                precomputed `encode_classes` output.
+            shorter_side, max_longer_side: test-time resize keeping the aspect ratio (see `resized_shape`).
+            window, stride: sliding window in pixels of the resized image. Each window is zero-padded (after
+                normalisation, i.e. with the mean colour) to a multiple of the patch size and its logits cropped
+                back, so any window and image size works.
+            logit_scale: multiplies the cosine similarities before the softmax over names.
+            background_threshold: if set, pixels whose highest class probability is below it get class 0 (use it
+                when class 0 is a background class).
+        """
+        if isinstance(images, Image.Image) or (isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 3):
+            images = [images]  # a single image
+        classes = class_names if isinstance(class_names, ClassEmbeddings) else self.encode_classes(class_names)
+        name_embeds = classes.name_embeds.to(self.device)
+        tensors = [image_to_tensor(image) for image in images]
+        label_maps, probabilities = [None] * len(tensors), [None] * len(tensors)
+        for indices, resized in self._batches_of_equal_size(tensors, shorter_side, max_longer_side):
+            averaged = slide_inference(
+                resized, lambda crops: self.window_logits(crops, name_embeds), window, stride,
+                num_classes=len(name_embeds), windows_per_batch=windows_per_batch,
+            ).logits
+            for index, cosine in zip(indices, averaged):
+                class_probs = self._class_probabilities(cosine, tensors[index].shape[-2:], classes, logit_scale)
+                label_maps[index] = _threshold_labels(class_probs, background_threshold)
+                probabilities[index] = class_probs if return_probabilities else None
+        return DeCLIPSegmentationOutput(label_maps=label_maps, probabilities=probabilities if return_probabilities else None)
+
+    def _batches_of_equal_size(self, tensors: list[torch.Tensor], shorter_side: int, max_longer_side: int):
+        """Yield (indices, normalised resized batch (B, 3, h, w)) per group of images with the same size."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, tensor in enumerate(tensors):
+            groups.setdefault(tuple(tensor.shape[-2:]), []).append(index)
+        for (height, width), indices in groups.items():
+            batch = torch.stack([tensors[index] for index in indices]).to(self.device)
+            # Bilinear without antialiasing: what mmcv's cv2 resize does at test time.
+            batch = F.interpolate(
+                batch, size=resized_shape(height, width, shorter_side, max_longer_side), mode="bilinear",
+                align_corners=False,
+            )
+            yield indices, (batch - self.image_mean) / self.image_std
+
+    def window_logits(self, crops: torch.Tensor, name_embeds: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity (n, num_names, h, w) of every pixel of window crops (n, 3, h, w) with every name."""
+        _, _, height, width = crops.shape
+        left, right, top, bottom = patch_padding(height, width, self.vision_model.patch_size)
+        padded = F.pad(crops, (left, right, top, bottom))
+        dense = self.vision_model.get_dense_features(padded).dense_embeds  # (n, D, h / p, w / p), normalised
+        cosine = torch.einsum("ndhw,qd->nqhw", dense.float(), name_embeds.float())
+        cosine = F.interpolate(cosine, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        return cosine[:, :, top : top + height, left : left + width]
+
+    @staticmethod
+    def _class_probabilities(cosine, original_size, classes: ClassEmbeddings, logit_scale: float) -> torch.Tensor:
+        """(num_names, h, w) averaged cosines -> (num_classes, H, W) probabilities at the original image size."""
+        # As in SCLIP: the window average is upsampled first, then scaled and softmaxed over all names.
+        cosine = F.interpolate(cosine[None], size=tuple(original_size), mode="bilinear", align_corners=False)[0]
+        name_probs = (cosine * logit_scale).softmax(dim=0)
+        return classes.max_over_names(name_probs, dim=0)
+
+
+def _threshold_labels(class_probs: torch.Tensor, background_threshold: float | None) -> torch.LongTensor:
+    max_probs, labels = class_probs.max(dim=0)
+    if background_threshold is not None:
+        labels[max_probs < background_threshold] = 0
+    return labels.cpu()
