@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionModel
+from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
@@ -166,7 +167,8 @@ class DeCLIPVisionModel(CLIPVisionModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if module is self:  # mirrors CLIPVisionModelWithProjection's projection initialisation
-            nn.init.normal_(module.visual_projection.weight, std=self.config.hidden_size**-0.5 * self.config.initializer_factor)
+            # transformers' `init` skips weights already loaded from a checkpoint; torch's `nn.init` would not.
+            init.normal_(module.visual_projection.weight, std=self.config.hidden_size**-0.5 * self.config.initializer_factor)
 
     @property
     def patch_size(self) -> int:
