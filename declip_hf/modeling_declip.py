@@ -165,10 +165,13 @@ class DeCLIPVisionModel(CLIPVisionModel):
         self.post_init()
 
     def _init_weights(self, module):
-        super()._init_weights(module)
-        if module is self:  # mirrors CLIPVisionModelWithProjection's projection initialisation
-            # transformers' `init` skips weights already loaded from a checkpoint; torch's `nn.init` would not.
-            init.normal_(module.visual_projection.weight, std=self.config.hidden_size**-0.5 * self.config.initializer_factor)
+        # Keyed on the projection itself, not on `self`: CLIPVisionModel.__init__ already ran post_init and marked the
+        # root initialised before the projection existed, so a `module is self` branch would never run again.
+        if module is getattr(self, "visual_projection", None):
+            # CLIPVisionModelWithProjection's initialisation. transformers' `init` skips weights loaded from a checkpoint.
+            init.normal_(module.weight, std=self.config.hidden_size**-0.5 * self.config.initializer_factor)
+        else:
+            super()._init_weights(module)
 
     @property
     def patch_size(self) -> int:

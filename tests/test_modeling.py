@@ -200,6 +200,14 @@ def test_unknown_mode_raises_value_error_naming_valid_modes():
         config.decoupled_attention = "qk"
 
 
+def test_fresh_projection_initialised_like_clip_with_projection():
+    """std hidden**-0.5 (0.125 here), as CLIPVisionModelWithProjection does, not the generic 0.02."""
+    torch.manual_seed(0)
+    config = DeCLIPVisionConfig(**{**TINY, "hidden_size": 64})
+    projection = DeCLIPVisionModel(config).visual_projection.weight
+    assert 0.11 < projection.std().item() < 0.14
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The ordinary forward is plain CLIP
 # --------------------------------------------------------------------------------------------------------------------
