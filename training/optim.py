@@ -1,0 +1,90 @@
+"""What DeCLIP trains and how (method notes section 5): the trainable set, AdamW groups and the warmup-cosine schedule."""
+
+import math
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from declip_hf import DeCLIPVisionModel
+
+# §5: the recipe's learning rate is given for a total batch of 16 images and scaled linearly with it.
+REFERENCE_TOTAL_BATCH = 16
+
+LR_SCALINGS = {
+    "linear": lambda lr, total_batch: lr * total_batch / REFERENCE_TOTAL_BATCH,
+    "none": lambda lr, total_batch: lr,
+}
+
+
+def scaled_learning_rate(lr: float, total_batch: int, scaling: str) -> float:
+    return LR_SCALINGS[scaling](lr, total_batch)
+
+
+def unused_last_layer_modules(student: DeCLIPVisionModel) -> list[str]:
+    """Submodules of the last encoder layer that the decoupled path never reads.
+
+    Distillation only runs `get_dense_features`, whose last layer is attention without residual or MLP: the MLP and
+    `layer_norm2` get no gradient, and neither do the projections the mode's attention weights are not built from
+    (k in `qq`, q in `kk`, q and k in `vv`; the value projection is always used). Left trainable they would make DDP
+    fail ("parameters that were not used in producing loss") and AdamW would skip them anyway, so freezing them
+    changes nothing in the result.
+    """
+    path = student.decoupled_path
+    used = {"v"} | {name for group in path.similarity_groups for name in group}
+    return ["mlp", "layer_norm2"] + [f"self_attn.{name}_proj" for name in ("q", "k") if name not in used]
+
+
+def configure_trainable(student: DeCLIPVisionModel, num_trainable_layers: int | None = None) -> list[str]:
+    """Freeze everything but the last `num_trainable_layers` encoder layers (all when None) minus the last layer's
+    unused parts; returns the names of the trainable parameters.
+
+    Frozen per §5: patch/class/position embeddings, `pre_layrnorm`, `post_layernorm`, `visual_projection`.
+    """
+    layers = student.encoder.layers
+    num_trainable_layers = len(layers) if num_trainable_layers is None else num_trainable_layers
+    if not 1 <= num_trainable_layers <= len(layers):
+        raise ValueError(f"num_trainable_layers must be between 1 and {len(layers)}, got {num_trainable_layers}")
+    student.requires_grad_(False)
+    for layer in layers[len(layers) - num_trainable_layers :]:
+        layer.requires_grad_(True)
+    for name in unused_last_layer_modules(student):
+        layers[-1].get_submodule(name).requires_grad_(False)
+    return [name for name, parameter in student.named_parameters() if parameter.requires_grad]
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups over the trainable parameters: decay on matrices only, none on biases, norms and other 1-d."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    return [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float):
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+
+
+def build_scheduler(optimizer, warmup_steps: int, total_steps: int, num_processes: int):
+    """Linear warmup then cosine to 0, counted in optimizer updates.
+
+    Accelerate's prepared scheduler steps the wrapped one `num_processes` times per update (it assumes the
+    per-process batch and hence the epoch shrank with more processes; `split_batches=False`), so both lengths are
+    given in those units here: the schedule then spans exactly `warmup_steps` and `total_steps` updates.
+    """
+    return get_scheduler(
+        "cosine",
+        optimizer,
+        num_warmup_steps=warmup_steps * num_processes,
+        num_training_steps=total_steps * num_processes,
+    )
+
+
+def total_update_steps(
+    max_steps: int | None, epochs: int, images_per_epoch: int | None, batch_per_update: int
+) -> int:
+    """Optimizer updates of the whole run: `max_steps`, or `epochs` passes over `images_per_epoch` images."""
+    if max_steps is not None:
+        return max_steps
+    return epochs * math.ceil(images_per_epoch / batch_per_update)
