@@ -1,0 +1,296 @@
+"""Streaming training data (training/data.py): disjoint coverage per rank and worker, skip counts, reshuffling, resume.
+
+Every usable test image is a solid colour whose red value is 7 * id, in a different mode or format each, so the id
+can be read back from the student view and every image can be counted exactly once.
+"""
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import IterableDatasetShard
+from accelerate.state import AcceleratorState
+import datasets
+from datasets import Dataset, Features, Value
+from datasets import Image as ImageFeature
+
+from training.data import (
+    SKIP_REASONS,
+    ImageViewsDataset,
+    StreamPosition,
+    all_ranks_have_batch,
+    batches_in_step,
+    make_dataloader,
+    open_image_stream,
+    shard_for_process,
+    validate_source,
+)
+from training.views import ViewConfig
+
+CONFIG = ViewConfig(student_size=64, student_patch=4, teacher_size=32, vfm_patch=2, max_crops=6)
+CLIP_MEAN_RED, CLIP_STD_RED = 0.48145466, 0.26862954
+NUM_GOOD = 30
+BAD_KINDS = {"undecodable": 3, "truncated": 17, "tiny": 25, "missing": 33}  # kind -> row (row 33 is the last)
+NUM_ROWS = NUM_GOOD + len(BAD_KINDS)
+
+
+def encoded(image: PIL.Image.Image, format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format)
+    return buffer.getvalue()
+
+
+def good_image(image_id: int) -> bytes:
+    """A solid image with red = 7 * id once converted to RGB, in one of five modes/formats."""
+    red = 7 * image_id
+    size = (20 + image_id % 7, 14 + image_id % 5)
+    makers = [
+        lambda: encoded(PIL.Image.new("RGB", size, (red, 100, 200)), "PNG"),
+        lambda: encoded(PIL.Image.new("RGBA", size, (red, 50, 50, 255)), "PNG"),
+        lambda: encoded(PIL.Image.new("CMYK", size, (255 - red, 0, 0, 0)), "TIFF"),
+        lambda: encoded(PIL.Image.new("L", size, red), "PNG"),
+        lambda: encoded(PIL.Image.fromarray(np.full(size[::-1], red * 257, dtype=np.uint16)), "PNG"),  # I;16
+    ]
+    return makers[image_id % len(makers)]()
+
+
+def bad_image(kind: str) -> bytes | None:
+    jpeg = encoded(PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)), "JPEG")
+    return {
+        "undecodable": np.random.default_rng(1).bytes(300),
+        "truncated": jpeg[: len(jpeg) // 2],
+        "tiny": encoded(PIL.Image.new("RGB", (5, 50)), "PNG"),
+        "missing": None,
+    }[kind]
+
+
+def table_rows() -> list[dict]:
+    """NUM_ROWS rows: the bad images at the rows of BAD_KINDS, good ids 0.. elsewhere; path = the row's name."""
+    bad_at_row = {row: kind for kind, row in BAD_KINDS.items()}
+    rows, next_id = [], 0
+    for row in range(NUM_ROWS):
+        if row in bad_at_row:
+            data, name = bad_image(bad_at_row[row]), bad_at_row[row]
+        else:
+            data, name = good_image(next_id), f"id{next_id}"
+            next_id += 1
+        rows.append({"image": None if data is None else {"bytes": data, "path": name}, "row": row})
+    return rows
+
+
+@pytest.fixture(autouse=True)
+def no_parquet_shutdown_sleep(monkeypatch):
+    # `datasets` waits 5 s after every pass over shuffled parquet shards (a guard against an Arrow crash when its
+    # reader threads outlive the interpreter, apache/arrow#45214); these test processes live on, so skip the wait.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
+@pytest.fixture(scope="module")
+def parquet_dir(tmp_path_factory):
+    """Three parquet shards of 12, 11 and 11 rows (30 good images, one of each bad kind, the last row bad)."""
+    folder = tmp_path_factory.mktemp("parquet")
+    rows = table_rows()
+    features = Features({"image": ImageFeature(), "row": Value("int64")})
+    for shard, (start, stop) in enumerate([(0, 12), (12, 23), (23, NUM_ROWS)]):
+        Dataset.from_list(rows[start:stop], features=features).to_parquet(folder / f"train-{shard:05d}.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """An image folder: 9 good files and one corrupt .png."""
+    folder = tmp_path_factory.mktemp("images")
+    for image_id in range(9):
+        (folder / f"{image_id}.png").write_bytes(good_image(image_id))
+    (folder / "corrupt.png").write_bytes(bad_image("undecodable"))
+    return folder
+
+
+def row_names(stream) -> list[str]:
+    return [example["image"]["path"] if example["image"] else "missing" for example in stream]
+
+
+def image_ids(batch) -> list[int]:
+    """Read each image's id back from the red channel of its student view's top-left pixel."""
+    red = batch["student"][:, 0, 0, 0] * CLIP_STD_RED + CLIP_MEAN_RED
+    return [round(value * 255 / 7) for value in red.tolist()]
+
+
+def views_dataset(source, rank=0, world_size=1, shuffle_buffer=0, seed=0) -> ImageViewsDataset:
+    stream = shard_for_process(open_image_stream(str(source)), rank, world_size, seed, shuffle_buffer)
+    return ImageViewsDataset(stream, "image", CONFIG, seed=seed, rank=rank)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Disjoint coverage
+
+
+@pytest.mark.parametrize("world_size", [2, 3])  # 3 shards: split by examples for 2 ranks, by shards for 3
+def test_ranks_read_disjoint_parts_that_cover_the_stream(parquet_dir, world_size):
+    stream = open_image_stream(str(parquet_dir))
+    assert stream.num_shards == 3 and stream.column_names == ["image"]
+    parts = [row_names(shard_for_process(stream, rank, world_size, seed=0, shuffle_buffer=8)) for rank in range(world_size)]
+    everything = [name for part in parts for name in part]
+    assert len(everything) == NUM_ROWS and len(set(everything)) == NUM_ROWS
+    assert all(len(part) >= NUM_ROWS // world_size - 1 for part in parts)
+
+
+def test_a_streamed_image_folder_is_one_shard_and_still_split_disjointly(image_folder):
+    stream = open_image_stream(str(image_folder))
+    assert stream.num_shards == 1
+    parts = [row_names(shard_for_process(stream, rank, 2, seed=0, shuffle_buffer=4)) for rank in range(2)]
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(str(path) for path in image_folder.iterdir())
+
+    # Two dataloader workers on each rank of a single-shard source: both workers get images, each image once.
+    seen, skipped, workers = Counter(), torch.zeros(len(SKIP_REASONS), dtype=torch.long), set()
+    for rank in range(2):
+        for batch in make_dataloader(views_dataset(image_folder, rank, 2, shuffle_buffer=4), 2, num_workers=2):
+            seen.update(image_ids(batch))
+            skipped += batch["skipped"]
+            workers.add((rank, int(batch["worker"])))
+    assert seen == Counter(range(9))
+    assert dict(zip(SKIP_REASONS, skipped.tolist()))["undecodable"] == 1 and skipped.sum() == 1
+    assert workers == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_image_is_seen_once_across_ranks_and_workers_and_bad_ones_are_counted(parquet_dir, num_workers):
+    seen, skipped = Counter(), torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+    for rank in range(2):
+        loader = make_dataloader(views_dataset(parquet_dir, rank, 2, shuffle_buffer=8), 4, num_workers)
+        for batch in loader:
+            size = batch["student"].shape[0]
+            assert batch["crops"].shape == (size, 6, 3, 32, 32) and batch["boxes"].shape == (size, 6, 4)
+            assert batch["vfm"].shape == (size, 3, 32, 32) and batch["crop_valid"].dtype == torch.bool
+            seen.update(image_ids(batch))
+            skipped += batch["skipped"]
+    assert seen == Counter(range(NUM_GOOD))
+    expected = {reason: int(reason in BAD_KINDS) for reason in SKIP_REASONS}
+    assert dict(zip(SKIP_REASONS, skipped.tolist())) == expected
+
+
+def test_preparing_an_already_split_loader_would_drop_data(parquet_dir):
+    # What `accelerator.prepare(dataloader)` does to an iterable dataset on 2 processes: keep every other batch.
+    dataset = views_dataset(parquet_dir, rank=0, world_size=2)
+    own = sum(1 for _ in dataset)
+    prepared = IterableDatasetShard(dataset, batch_size=1, num_processes=2, process_index=0)
+    assert sum(1 for _ in prepared) < own
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Epochs and resume
+
+
+def epoch_batches(dataset: ImageViewsDataset, epoch: int, num_workers: int = 0) -> list[dict]:
+    dataset.set_epoch(epoch)
+    return list(make_dataloader(dataset, 3, num_workers))
+
+
+def test_each_epoch_reshuffles_reproducibly(parquet_dir):
+    dataset = views_dataset(parquet_dir, rank=0, world_size=2, shuffle_buffer=8, seed=5)
+    first, second = epoch_batches(dataset, 0), epoch_batches(dataset, 1)
+    again = epoch_batches(views_dataset(parquet_dir, rank=0, world_size=2, shuffle_buffer=8, seed=5), 1)
+    order = lambda batches: [i for batch in batches for i in image_ids(batch)]  # noqa: E731
+    assert order(first) != order(second)
+    assert order(second) == order(again)
+    assert all(torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["crops"], b["crops"]) for a, b in zip(second, again))
+
+    other_rank = views_dataset(parquet_dir, rank=1, world_size=2, shuffle_buffer=8, seed=5)
+    assert sorted(order(second) + order(epoch_batches(other_rank, 1))) == list(range(NUM_GOOD))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_yields_the_batches_of_an_uninterrupted_run(parquet_dir, num_workers):
+    make = lambda: views_dataset(parquet_dir, shuffle_buffer=8, seed=3)  # noqa: E731
+    uninterrupted = epoch_batches(make(), 1, num_workers)
+
+    position = StreamPosition()
+    position.start_epoch(1)
+    dataset = make()
+    dataset.set_epoch(1)
+    consumed = []
+    for batch in make_dataloader(dataset, 3, num_workers):
+        consumed.append(batch)
+        position.advance(batch)
+        if len(consumed) == 3:  # odd, so with two workers the next batch is the second worker's
+            break
+    state = json.loads(json.dumps(position.state_dict()))  # as stored in a checkpoint
+
+    resumed_dataset = make()
+    resumed_dataset.load_stream_state(state)
+    resumed_dataset.set_epoch(1)
+    resumed = list(make_dataloader(resumed_dataset, 3, num_workers))
+
+    assert len(consumed) + len(resumed) == len(uninterrupted)
+    for expected, got in zip(uninterrupted, consumed + resumed):
+        assert image_ids(expected) == image_ids(got)
+        assert torch.equal(expected["boxes"], got["boxes"]) and torch.equal(expected["crops"], got["crops"])
+    total_skipped = sum(batch["skipped"] for batch in consumed + resumed)
+    assert total_skipped.sum() == len(BAD_KINDS)  # the skipped images are counted once, not again after resuming
+
+    # The saved position belongs to epoch 1 only: the next epoch starts from its beginning.
+    assert sum(len(image_ids(batch)) for batch in epoch_batches(resumed_dataset, 2, num_workers)) == NUM_GOOD
+
+
+def test_resuming_with_another_number_of_workers_is_refused(parquet_dir):
+    dataset = views_dataset(parquet_dir)
+    dataset.load_stream_state({"epoch": 0, "batches": 1, "num_workers": 2, "consumed": {"0": 4}})
+    with pytest.raises(ValueError, match="2 dataloader workers"):
+        next(iter(dataset))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stopping all ranks together
+
+
+@pytest.fixture
+def accelerator():
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)  # leave no global state to other tests
+
+
+def test_all_ranks_have_batch_in_a_single_process(accelerator, parquet_dir):
+    assert all_ranks_have_batch(accelerator, True) is True
+    assert all_ranks_have_batch(accelerator, False) is False
+    loader = make_dataloader(views_dataset(parquet_dir), 4, num_workers=0)
+    assert sum(1 for _ in batches_in_step(loader, accelerator)) == -(-NUM_GOOD // 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources and their validation
+
+
+def test_webdataset_shards_stream_with_their_image_column(tmp_path):
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as archive:
+        for image_id in range(4):
+            data = encoded(PIL.Image.new("RGB", (16, 12), (7 * image_id, 0, 0)), "PNG")
+            member = tarfile.TarInfo(f"sample{image_id:03d}.png")
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    with pytest.raises(ValueError, match="has no column 'image'.*'png'.*--image_column"):
+        validate_source(str(tmp_path))
+    stream = shard_for_process(open_image_stream(str(tmp_path), image_column="png"), 0, 1, seed=0, shuffle_buffer=0)
+    batches = list(make_dataloader(ImageViewsDataset(stream, "png", CONFIG, seed=0), 4, num_workers=0))
+    assert image_ids(batches[0]) == [0, 1, 2, 3]
+
+
+def test_validate_source_names_the_columns_and_the_flag(tmp_path):
+    Dataset.from_dict({"picture": [{"bytes": good_image(0), "path": None}], "caption": ["x"]}).cast_column(
+        "picture", ImageFeature()
+    ).to_parquet(tmp_path / "data.parquet")
+    with pytest.raises(ValueError, match=r"no column 'image'; its columns are \['picture', 'caption'\].*--image_column"):
+        validate_source(str(tmp_path), image_column="image")
+    validate_source(str(tmp_path), image_column="picture")
+
+
+@pytest.mark.parametrize("source", ["/nonexistent/images", "./no_such_folder", "missing.parquet"])
+def test_validate_source_rejects_a_missing_path(source):
+    with pytest.raises(ValueError, match="does not exist"):
+        validate_source(source)
