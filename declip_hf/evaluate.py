@@ -397,15 +397,16 @@ def _overrides(pairs: list[str], option: str) -> dict[str, str]:
     return parsed
 
 
-# (argparse destination, spec attribute) of the per-benchmark overrides
-_SPEC_OVERRIDES = (("dataset", "path"), ("data_files", "data_files"), ("split", "split"))
-
-
 def _apply_overrides(spec, args) -> None:
-    for destination, attribute in _SPEC_OVERRIDES:
-        values = _overrides(getattr(args, destination), "--" + destination.replace("_", "-"))
-        if spec.name in values:
-            setattr(spec, attribute, values[spec.name])
+    """--dataset / --split / --data-files NAME=VALUE, for the spec called NAME."""
+    paths = _overrides(args.dataset, "--dataset")
+    splits = _overrides(args.split, "--split")
+    data_files = _overrides(args.data_files, "--data-files")
+    spec.path = paths.get(spec.name, spec.path)
+    spec.split = splits.get(spec.name, spec.split)
+    if spec.name in data_files:
+        # Keyed by the evaluated split: `datasets` would file a bare path under "train".
+        spec.data_files = {spec.split: data_files[spec.name]}
 
 
 def collect_versions() -> dict:

@@ -1,0 +1,246 @@
+"""Zero-shot segmentation: templates, sliding windows, class embeddings, thresholding, loading, and the demo."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import nn
+from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from declip_hf import DeCLIPVisionModel, DeCLIPDenseOutput
+from declip_hf.prompts import OPENAI_IMAGENET_TEMPLATES
+from declip_hf.segment import main as segment_main
+from declip_hf.segmentation import (
+    ClassEmbeddings,
+    DeCLIPSegmenter,
+    patch_padding,
+    resized_shape,
+    slide_inference,
+    sliding_windows,
+    split_class_names,
+)
+
+
+def test_prompt_templates_are_openais_80():
+    assert len(OPENAI_IMAGENET_TEMPLATES) == 80
+    assert len(set(OPENAI_IMAGENET_TEMPLATES)) == 80
+    assert all(template.count("{}") == 1 for template in OPENAI_IMAGENET_TEMPLATES)
+    assert OPENAI_IMAGENET_TEMPLATES[0] == "a bad photo of a {}." and OPENAI_IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as open_clip_templates
+
+    assert list(OPENAI_IMAGENET_TEMPLATES) == [template("{}") for template in open_clip_templates]
+
+
+def test_sliding_window_count_map_for_an_odd_size():
+    # 7 x 11 image, window 4, stride 3. Rows: windows [0,4) and [3,7) (the second clipped back from [3,7)).
+    # Columns: [0,4), [3,7), [6,10) and [7,11) (the last one shifted back from [9,13) to end at the border).
+    row_counts = torch.tensor([1, 1, 1, 2, 1, 1, 1.0])
+    col_counts = torch.tensor([1, 1, 1, 2, 1, 1, 2, 2, 2, 2, 1.0])
+    expected = row_counts[:, None] * col_counts[None, :]
+    assert sliding_windows(7, 11, 4, 3) == [
+        (0, 4, 0, 4), (0, 4, 3, 7), (0, 4, 6, 10), (0, 4, 7, 11),
+        (3, 7, 0, 4), (3, 7, 3, 7), (3, 7, 6, 10), (3, 7, 7, 11),
+    ]
+    output = slide_inference(torch.zeros(1, 3, 7, 11), lambda crops: crops[:, :2], 4, 3, num_classes=2)
+    torch.testing.assert_close(output.count_map, expected)
+
+
+def test_slide_inference_puts_every_window_back_in_place():
+    # With an identity "model" each pixel averages copies of itself: the output must equal the input exactly.
+    image = torch.randn(2, 3, 9, 13)
+    output = slide_inference(image, lambda crops: crops, window=5, stride=2, num_classes=3, windows_per_batch=4)
+    torch.testing.assert_close(output.logits, image)
+    # A window larger than the image shrinks to it: one window, counts all 1.
+    output = slide_inference(image, lambda crops: crops * 2, window=32, stride=8, num_classes=3)
+    torch.testing.assert_close(output.logits, image * 2)
+    assert output.count_map.eq(1).all()
+
+
+def test_slide_inference_weights_windows_by_coverage():
+    # Each window returns its own index everywhere: pixel values are the mean index of the windows covering them.
+    calls = iter(range(100))
+
+    def window_index(crops):
+        return torch.stack([torch.full_like(crop[:1], float(next(calls))) for crop in crops])
+
+    output = slide_inference(torch.zeros(1, 3, 7, 11), window_index, 4, 3, num_classes=1, windows_per_batch=1)
+    boxes = sliding_windows(7, 11, 4, 3)
+    for y in range(7):
+        for x in range(11):
+            covering = [index for index, (y1, y2, x1, x2) in enumerate(boxes) if y1 <= y < y2 and x1 <= x < x2]
+            assert math.isclose(output.logits[0, 0, y, x].item(), sum(covering) / len(covering), rel_tol=1e-6)
+
+
+def test_resize_and_patch_padding_follow_mmseg_and_sclip():
+    assert resized_shape(375, 500, 448) == (448, 597)  # a VOC image: shorter side to 448, ratio kept, rounded
+    assert resized_shape(1024, 2048, 560) == (560, 1120)
+    assert resized_shape(100, 5000, 448, max_longer_side=2048) == (41, 2048)  # the longer side is capped
+    assert patch_padding(336, 336, 16) == (0, 0, 0, 0)
+    assert patch_padding(30, 21, 16) == (5, 6, 1, 1)  # (left, right, top, bottom), extra pixel right/bottom
+
+
+def test_split_class_names():
+    assert split_class_names(["cat", "person; people", ["dog", " puppy "]]) == [
+        ("cat",), ("person", "people"), ("dog", "puppy"),
+    ]
+    with pytest.raises(ValueError, match="no name"):
+        split_class_names(["cat", " ; "])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Class embeddings and the segmenter on the tiny checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_clip_dir):
+    return DeCLIPSegmenter.from_pretrained(tiny_clip_dir)
+
+
+def test_class_embeddings_are_template_ensembles(segmenter, tiny_clip_dir):
+    classes = segmenter.encode_classes(["cat", "dog; puppy"])
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+
+    def ensemble(name):
+        tokens = tokenizer([template.format(name) for template in OPENAI_IMAGENET_TEMPLATES], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            embeds = clip.get_text_features(**tokens)
+        embeds = embeds if torch.is_tensor(embeds) else embeds.pooler_output
+        mean = (embeds / embeds.norm(dim=-1, keepdim=True)).mean(dim=0)
+        return mean / mean.norm()
+
+    expected = torch.stack([ensemble("cat"), ensemble("dog"), ensemble("puppy")])
+    torch.testing.assert_close(classes.name_embeds, expected, atol=1e-5, rtol=1e-5)
+    assert classes.name_to_class.tolist() == [0, 1, 1]
+    assert classes.num_classes == 2
+
+
+def test_class_embeddings_are_cached(segmenter):
+    segmenter.encode_classes(["zebra", "giraffe"])
+    calls = []
+    handle = segmenter.text_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        again = segmenter.encode_classes(["giraffe", "zebra"])
+        assert calls == []  # nothing re-encoded
+        segmenter.encode_classes(["zebra", "okapi"])
+        assert len(calls) == 1  # only the new name
+    finally:
+        handle.remove()
+    assert again.name_embeds.shape == (2, 24)
+
+
+def test_segmenter_outputs_label_maps_at_input_sizes(segmenter):
+    images = [
+        Image.new("RGB", (35, 21), (200, 30, 30)),
+        torch.rand(3, 30, 30),
+        torch.randint(0, 256, (3, 30, 30), dtype=torch.uint8),  # same size as the previous one: batched together
+    ]
+    output = segmenter(images, ["red", "green; grass", "blue"], shorter_side=24, window=16, stride=8,
+                       return_probabilities=True)
+    assert [tuple(label_map.shape) for label_map in output.label_maps] == [(21, 35), (30, 30), (30, 30)]
+    assert all(label_map.dtype == torch.long for label_map in output.label_maps)
+    for label_map, probabilities in zip(output.label_maps, output.probabilities):
+        assert probabilities.shape == (3, *label_map.shape)
+        torch.testing.assert_close(label_map, probabilities.argmax(dim=0))
+    # Batched and one-by-one inference agree.
+    alone = segmenter([images[2]], ["red", "green; grass", "blue"], shorter_side=24, window=16, stride=8)
+    torch.testing.assert_close(alone.label_maps[0], output.label_maps[2])
+
+
+def test_segmenter_runs_under_bf16_autocast(segmenter):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = segmenter([torch.rand(3, 20, 28)], ["a", "b"], shorter_side=24, window=16, stride=8)
+    assert output.label_maps[0].shape == (20, 28)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Thresholding and multi-name classes, with known dense features
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PixelFeatureModel(nn.Module):
+    """Stands in for the vision model: patch size 1, each pixel's normalised RGB is its dense feature."""
+
+    patch_size = 1
+
+    def get_dense_features(self, pixel_values):
+        return DeCLIPDenseOutput(dense_embeds=F.normalize(pixel_values, dim=1), context_features=())
+
+
+def test_multi_name_max_and_background_threshold():
+    segmenter = DeCLIPSegmenter(PixelFeatureModel(), nn.Linear(1, 1), tokenizer=None, image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    # Class 0 ("background") has name e_x; class 1 has two names e_y and e_z.
+    classes = ClassEmbeddings(name_embeds=torch.eye(3), name_to_class=torch.tensor([0, 1, 1]))
+    pixels = torch.tensor([
+        [1.0, 0.0, 0.0],  # clearly class 0
+        [0.0, 1.0, 0.0],  # class 1 through its first name
+        [0.0, 0.0, 1.0],  # class 1 through its second name
+        [0.8, 1.0, 1.0],  # class 1 wins the argmax, but its probability (about 0.44) is below the threshold
+        [0.9, 1.0, 0.0],  # class 1, probability about 0.68: above the threshold
+    ])
+    image = pixels.T.reshape(3, 1, 5)  # one row of 5 pixels
+    scale, threshold = 10.0, 0.5
+    output = segmenter([image], classes, shorter_side=1, window=8, stride=4, logit_scale=scale,
+                       background_threshold=threshold, return_probabilities=True)
+
+    expected_labels, expected_probs = [], []
+    for pixel in pixels:
+        cosine = [float(pixel[axis] / pixel.norm()) for axis in range(3)]
+        exps = [math.exp(scale * value) for value in cosine]
+        name_probs = [value / sum(exps) for value in exps]
+        class_probs = [name_probs[0], max(name_probs[1], name_probs[2])]
+        label = 0 if class_probs[0] >= class_probs[1] else 1
+        expected_labels.append(0 if max(class_probs) < threshold else label)
+        expected_probs.append(class_probs)
+    torch.testing.assert_close(output.probabilities[0][:, 0, :].T, torch.tensor(expected_probs))
+    assert output.label_maps[0][0].tolist() == expected_labels
+    assert expected_labels == [0, 1, 1, 0, 1]  # the uncertain pixel went to background
+    no_threshold = segmenter([image], classes, shorter_side=1, window=8, stride=4, logit_scale=scale)
+    assert no_threshold.label_maps[0][0].tolist() == [0, 1, 1, 1, 1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading: text tower from a text_encoder/ subfolder, from the root, or an error
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_loads_text_encoder_subfolder_of_a_declip_folder(tmp_path, tiny_clip_dir):
+    DeCLIPVisionModel.from_pretrained(tiny_clip_dir, decoupled_attention="csa").save_pretrained(tmp_path)
+    text_model = CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir)
+    text_model.save_pretrained(tmp_path / "text_encoder")
+    CLIPTokenizer.from_pretrained(tiny_clip_dir).save_pretrained(tmp_path / "text_encoder")
+    segmenter = DeCLIPSegmenter.from_pretrained(tmp_path)
+    assert segmenter.vision_model.config.decoupled_attention == "csa"
+    torch.testing.assert_close(segmenter.text_model.text_projection.weight, text_model.text_projection.weight)
+    assert segmenter.encode_classes(["cat"]).name_embeds.shape == (1, 24)
+
+
+def test_vision_only_folder_needs_a_text_model(tmp_path, tiny_clip_dir):
+    DeCLIPVisionModel.from_pretrained(tiny_clip_dir).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no CLIP text tower"):
+        DeCLIPSegmenter.from_pretrained(tmp_path)
+    segmenter = DeCLIPSegmenter.from_pretrained(tmp_path, text_model=str(tiny_clip_dir))
+    reference = DeCLIPSegmenter.from_pretrained(tiny_clip_dir)
+    torch.testing.assert_close(segmenter.encode_classes(["cat"]).name_embeds, reference.encode_classes(["cat"]).name_embeds)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Demo
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_demo_writes_an_overlay_with_a_legend(tmp_path, tiny_clip_dir):
+    image = Image.new("RGB", (40, 30), (90, 160, 60))
+    ImageDraw.Draw(image).ellipse([5, 5, 20, 25], fill=(200, 120, 40))
+    image.save(tmp_path / "in.png")
+    out = tmp_path / "overlay.png"
+    segment_main([str(tmp_path / "in.png"), "--labels", "cat,dog;puppy,grass", "--out", str(out), "--model",
+                  str(tiny_clip_dir), "--shorter-side", "32", "--window", "16", "--stride", "8"])
+    written = Image.open(out)
+    assert written.format == "PNG"
+    assert written.width > 40 and written.height >= 30  # the legend panel sits right of the image
+    overlay = written.convert("RGB").crop((0, 0, 40, 30))
+    assert overlay.tobytes() != image.tobytes()  # coloured
