@@ -29,11 +29,14 @@ def transformers_warnings():
     handler = logging.Handler(level=logging.WARNING)
     handler.emit = records.append
     logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # so that a quieter verbosity set elsewhere cannot hide a warning
     logger.addHandler(handler)
     try:
         yield records
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def hub_key(model_key: str) -> str:
