@@ -23,6 +23,7 @@ from datasets import Image as ImageFeature
 from training.data import (
     SKIP_REASONS,
     ImageViewsDataset,
+    SkipCounter,
     StreamPosition,
     all_ranks_have_batch,
     batches_in_step,
@@ -260,7 +261,13 @@ def test_all_ranks_have_batch_in_a_single_process(accelerator, parquet_dir):
     assert all_ranks_have_batch(accelerator, True) is True
     assert all_ranks_have_batch(accelerator, False) is False
     loader = make_dataloader(views_dataset(parquet_dir), 4, num_workers=0)
-    assert sum(1 for _ in batches_in_step(loader, accelerator)) == -(-NUM_GOOD // 4)
+    counter, batches = SkipCounter(), 0
+    for batch in batches_in_step(loader, accelerator):
+        counter.add_counts(batch["skipped"])
+        batches += 1
+    assert batches == -(-NUM_GOOD // 4)
+    assert counter.as_dict() == {reason: int(reason in BAD_KINDS) for reason in SKIP_REASONS}
+    assert counter.reduce(accelerator).as_dict() == counter.as_dict() and counter.total == len(BAD_KINDS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,6 +295,9 @@ def test_validate_source_names_the_columns_and_the_flag(tmp_path):
     with pytest.raises(ValueError, match=r"no column 'image'; its columns are \['picture', 'caption'\].*--image_column"):
         validate_source(str(tmp_path), image_column="image")
     validate_source(str(tmp_path), image_column="picture")
+    validate_source(str(tmp_path / "*.parquet"), image_column="picture")
+    with pytest.raises(ValueError, match="data_files only selects files of a Hub dataset"):
+        validate_source(str(tmp_path), image_column="picture", data_files="*.parquet")
 
 
 @pytest.mark.parametrize("source", ["/nonexistent/images", "./no_such_folder", "missing.parquet"])

@@ -49,9 +49,15 @@ _BUILDER_BY_SUFFIX = {".parquet": "parquet", ".tar": "webdataset"}
 
 def resolve_source(source: str, data_files=None) -> tuple[str, dict]:
     """The `load_dataset` path and keyword arguments for `source`: a Hub id, a local folder, file or glob pattern."""
-    if any(char in source for char in "*?["):
-        return _BUILDER_BY_SUFFIX.get(Path(source).suffix, "imagefolder"), {"data_files": source}
+    is_pattern = any(char in source for char in "*?[")
     path = Path(source).expanduser()
+    if data_files is not None and (is_pattern or path.exists()):
+        raise ValueError(
+            f"data_files only selects files of a Hub dataset; for local files give a folder or a glob pattern as the "
+            f"source instead (e.g. '{source.rstrip('/')}/*.parquet')"
+        )
+    if is_pattern:
+        return _BUILDER_BY_SUFFIX.get(Path(source).suffix, "imagefolder"), {"data_files": source}
     if path.exists():
         return _local_builder(path)
     if source.startswith(("/", ".", "~")) or Path(source).suffix in _BUILDER_BY_SUFFIX:
