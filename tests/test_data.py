@@ -30,9 +30,13 @@ from training.data import (
     make_dataloader,
     open_image_stream,
     shard_for_process,
+    sharding_warning,
     validate_source,
 )
 from training.views import ViewConfig
+
+# Three dataloader workers on this 2-core machine are on purpose (one per parquet shard); torch warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 
 CONFIG = ViewConfig(student_size=64, student_patch=4, teacher_size=32, vfm_patch=2, max_crops=6)
 CLIP_MEAN_RED, CLIP_STD_RED = 0.48145466, 0.26862954
@@ -161,18 +165,22 @@ def test_a_streamed_image_folder_is_one_shard_and_still_split_disjointly(image_f
     assert workers == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_every_image_is_seen_once_across_ranks_and_workers_and_bad_ones_are_counted(parquet_dir, num_workers):
-    seen, skipped = Counter(), torch.zeros(len(SKIP_REASONS), dtype=torch.long)
-    for rank in range(2):
-        loader = make_dataloader(views_dataset(parquet_dir, rank, 2, shuffle_buffer=8), 4, num_workers)
+# 2 processes (1 example in 2 each, as 3 shards do not divide by 2): workers stride over their process's stream;
+# 1 process with 3 workers: each worker reads whole shards.
+@pytest.mark.parametrize("world_size, num_workers", [(2, 0), (2, 2), (1, 3)])
+def test_every_image_is_seen_once_across_ranks_and_workers_and_bad_ones_are_counted(parquet_dir, world_size, num_workers):
+    seen, skipped, workers = Counter(), torch.zeros(len(SKIP_REASONS), dtype=torch.long), set()
+    for rank in range(world_size):
+        loader = make_dataloader(views_dataset(parquet_dir, rank, world_size, shuffle_buffer=8), 4, num_workers)
         for batch in loader:
+            workers.add((rank, int(batch["worker"])))
             size = batch["student"].shape[0]
             assert batch["crops"].shape == (size, 6, 3, 32, 32) and batch["boxes"].shape == (size, 6, 4)
             assert batch["vfm"].shape == (size, 3, 32, 32) and batch["crop_valid"].dtype == torch.bool
             seen.update(image_ids(batch))
             skipped += batch["skipped"]
     assert seen == Counter(range(NUM_GOOD))
+    assert len(workers) == world_size * max(1, num_workers)  # every worker contributed
     expected = {reason: int(reason in BAD_KINDS) for reason in SKIP_REASONS}
     assert dict(zip(SKIP_REASONS, skipped.tolist())) == expected
 
@@ -207,7 +215,7 @@ def test_each_epoch_reshuffles_reproducibly(parquet_dir):
     assert sorted(order(second) + order(epoch_batches(other_rank, 1))) == list(range(NUM_GOOD))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, 2, 3])  # 2 workers stride over examples, 3 read a shard each
 def test_resume_yields_the_batches_of_an_uninterrupted_run(parquet_dir, num_workers):
     make = lambda: views_dataset(parquet_dir, shuffle_buffer=8, seed=3)  # noqa: E731
     uninterrupted = epoch_batches(make(), 1, num_workers)
@@ -220,7 +228,7 @@ def test_resume_yields_the_batches_of_an_uninterrupted_run(parquet_dir, num_work
     for batch in make_dataloader(dataset, 3, num_workers):
         consumed.append(batch)
         position.advance(batch)
-        if len(consumed) == 3:  # odd, so with two workers the next batch is the second worker's
+        if len(consumed) == 5:  # the next batch is worker 1's (of 2) or worker 2's (of 3), not worker 0's
             break
     state = json.loads(json.dumps(position.state_dict()))  # as stored in a checkpoint
 
@@ -238,6 +246,15 @@ def test_resume_yields_the_batches_of_an_uninterrupted_run(parquet_dir, num_work
 
     # The saved position belongs to epoch 1 only: the next epoch starts from its beginning.
     assert sum(len(image_ids(batch)) for batch in epoch_batches(resumed_dataset, 2, num_workers)) == NUM_GOOD
+
+
+def test_sharding_warning_says_when_processes_read_more_than_their_share(parquet_dir, image_folder):
+    parquet = open_image_stream(str(parquet_dir))  # 3 shards
+    assert sharding_warning(parquet, world_size=3, num_workers=0) is None
+    assert sharding_warning(parquet, world_size=1, num_workers=3) is None
+    assert "not divisible by 2 processes" in sharding_warning(parquet, world_size=2, num_workers=0)
+    assert "not divisible by 2 dataloader workers" in sharding_warning(parquet, world_size=1, num_workers=2)
+    assert sharding_warning(open_image_stream(str(image_folder)), world_size=1, num_workers=0) is None
 
 
 def test_resuming_with_another_number_of_workers_is_refused(parquet_dir):

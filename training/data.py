@@ -20,6 +20,7 @@ How the training loop must use this (each point is a trap that silently loses da
    are exactly those of an uninterrupted run (same seed, world size and number of workers).
 """
 
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -131,6 +132,27 @@ def shard_for_process(
     if shuffle_buffer > 1:
         stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
     return split_dataset_by_node(stream, rank=rank, world_size=world_size)
+
+
+def sharding_warning(stream: IterableDataset, world_size: int, num_workers: int) -> str | None:
+    """A line for the log when processes or dataloader workers must read more of `stream` than their share.
+
+    Reading whole shards needs the shard count to be divisible by the number of processes, and each process's
+    shard count by its number of workers; otherwise examples are dealt out one by one from a stream that each of
+    them reads in full (correct, only more I/O: worth knowing for a large Hub dataset).
+    """
+    num_shards, num_workers = stream.num_shards, max(1, num_workers)
+    if num_shards % world_size:
+        return (
+            f"The dataset has {num_shards} shard(s), not divisible by {world_size} processes: every process reads all "
+            f"of it and keeps 1 example in {world_size}."
+        )
+    if (num_shards // world_size) % num_workers:
+        return (
+            f"Each process has {num_shards // world_size} shard(s), not divisible by {num_workers} dataloader workers: "
+            f"every worker reads all of its process's shards and decodes 1 image in {num_workers}."
+        )
+    return None
 
 
 def all_ranks_have_batch(accelerator, has_batch: bool) -> bool:
@@ -255,9 +277,8 @@ class ImageViewsDataset(torch.utils.data.IterableDataset):
 
     Each example is a dict of the view tensors (`VIEW_KEYS`) plus "skipped", the (len(SKIP_REASONS),) counts of
     images skipped since the previous example of the same worker, and the `POSITION_KEYS` scalars that
-    `StreamPosition.advance` reads. With dataloader workers, worker w of W takes its own part of the rank's stream
-    via a second `split_dataset_by_node` (whole shards when rank count x W divides the shard count, otherwise every
-    W-th example, which also covers single-shard sources such as an image folder).
+    `StreamPosition.advance` reads. With dataloader workers, each worker takes a disjoint part of the rank's
+    stream (see `_worker_values`).
 
     Args:
         stream (`IterableDataset`): this rank's stream, from `shard_for_process(open_image_stream(...), ...)`.
@@ -292,11 +313,24 @@ class ImageViewsDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker_id, num_workers = _worker_slot()
         worker, start = self._resume_point(worker_id, num_workers)
+        yield from self._views(self._worker_values(worker, num_workers), worker, num_workers, start)
+
+    def _worker_values(self, worker: int, num_workers: int) -> Iterator[dict | None]:
+        """This worker's undecoded image cells, in stream order.
+
+        Whole shards when this rank's shards divide evenly among the workers (a second `split_dataset_by_node`);
+        otherwise, e.g. for a single-shard image folder, every `num_workers`-th example of the rank's stream: each
+        worker then reads the rank's part but decodes only its own images.
+        """
         stream = self.stream
-        if num_workers > 1:
+        by_shards = num_workers > 1 and stream.num_shards % num_workers == 0
+        if by_shards:
             stream = split_dataset_by_node(stream, rank=worker, world_size=num_workers)
         stream.set_epoch(self.epoch)
-        yield from self._views(stream, worker, num_workers, start)
+        # `.iter()` rather than `iter(stream)`: inside a dataloader worker the latter splits by shards once more on
+        # its own, which would leave all workers but one idle on a single-shard stream.
+        values = (batch[self.image_column][0] for batch in stream.iter(batch_size=1))
+        return values if by_shards else itertools.islice(values, worker, None, num_workers)
 
     def _resume_point(self, worker_id: int, num_workers: int) -> tuple[int, int]:
         """(logical worker, stream examples to skip). The dataloader takes batches from workers in turn, so after
@@ -313,12 +347,12 @@ class ImageViewsDataset(torch.utils.data.IterableDataset):
         worker = (worker_id + position.batches) % num_workers
         return worker, position.consumed.get(worker, 0)
 
-    def _views(self, stream: IterableDataset, worker: int, num_workers: int, start: int):
+    def _views(self, values: Iterator[dict | None], worker: int, num_workers: int, start: int):
         # Each example is held back until the next usable one is found, so that the images skipped after it are
         # reported with it (and the position it carries already counts them); the last one carries the tail.
         skipped = SkipCounter()
         pending, index = None, start - 1
-        for index, value in enumerate(_column_values(stream, self.image_column)):
+        for index, value in enumerate(values):
             if index < start:  # resume: fast-forward without decoding
                 continue
             try:
@@ -346,13 +380,6 @@ class ImageViewsDataset(torch.utils.data.IterableDataset):
             "num_workers": torch.tensor(num_workers),
             "stream_position": torch.tensor(position),
         }
-
-
-def _column_values(stream: IterableDataset, column: str):
-    # `.iter()` rather than `iter(stream)`: inside a dataloader worker the latter would split by shards once more on
-    # its own and leave every worker but one idle for a single-shard stream; the worker split is ours (above).
-    for batch in stream.iter(batch_size=1):
-        yield batch[column][0]
 
 
 def collate_views(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
