@@ -16,8 +16,12 @@ How the training loop must use this (each point is a trap that silently loses da
 3. Call `dataset.set_epoch(epoch)` before each epoch (new shuffle, new views) and build the loader without
    persistent workers (`make_dataloader` does), so the workers see the new epoch.
 4. Resume: keep a `StreamPosition`, `advance` it with every batch the loop consumes and save its `state_dict()`
-   with the checkpoint; on resume call `dataset.load_stream_state(state)` before iterating. The examples that follow
-   are exactly those of an uninterrupted run (same seed, world size and number of workers).
+   with the checkpoint; on resume call `dataset.load_stream_state(state)` before iterating. The batches that follow
+   are exactly those of an uninterrupted run (same seed, world size and number of workers): each worker re-reads
+   its part of the stream up to the saved position without decoding it, so unlike `datasets`' own `state_dict()`
+   nothing in the shuffle buffer is lost. One exception: with more than two workers, an interruption after one of
+   them ran out of images in that epoch can reorder the epoch's last batches (none is lost or repeated).
+   A checkpoint taken at the very end of an epoch resumes into an epoch with nothing left: expect no batch there.
 """
 
 import itertools

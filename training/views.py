@@ -9,9 +9,10 @@ with open_clip's `ResizeLongest` / `ResizeMaxSize` transforms) unless said other
 
 - Resized sizes are `round(side * target / longest_side)` (Python's `round`, as open_clip does), at least 1 px.
 - Grid cells have integer pixel edges: the j-th of N column edges is `floor(j * W0 / N + 1/2)` (rows alike), so
-  the cells tile the image exactly. The authors crop with the float edges `j * W0 / N` (PIL's `crop` rounds them)
-  but keep the float edges as boxes; we use the same integer edges for the crop and its box, so a box describes
-  exactly the pixels its crop shows (the two recipes differ by under half an original pixel per edge).
+  the cells tile the image exactly. The authors crop at the float edges `j * W0 / N`, which PIL's `crop` rounds to
+  the nearest pixel (the same pixels as ours except at exact .5 ties, which Python rounds to even), but keep the
+  float edges as boxes; we use the integer edges for the box too, so a box describes exactly the pixels its crop
+  shows (the boxes of the two recipes differ by under half an original pixel per edge).
 - A box is mapped into the student frame with the exact scale `student_size / max(W0, H0)` (the authors'
   `get_scale`), then divided by `student_size`; that is, `box = edges / max(W0, H0)`.
 - Alpha is dropped, not composited: the authors call `PIL.Image.convert("RGB")`, which keeps the stored colour of
