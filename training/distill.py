@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,6 +276,20 @@ class DenseStudent(nn.Module):
         return self.model.get_dense_features(pixel_values)
 
 
+@contextmanager
+def quiet_transformers():
+    """No loading reports: a CLIPModel checkpoint's text weights are expected to go unused by the vision models."""
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
 def build_models(args: argparse.Namespace, device: torch.device):
     """(student, CLIP teacher, VFM). Only the student trains; the frozen two go to `device` and stay unwrapped."""
     student = DeCLIPVisionModel.from_pretrained(args.student, decoupled_attention=args.decoupled_attention)
@@ -465,7 +480,9 @@ def finish(run: Run) -> dict:
     summary["steps"] = summary.pop("step")
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(run.student).model
-        save_model(student, run.run_dir / "model", run.args.student, run.args.ensemble_alpha, run.args.student_size)
+        with quiet_transformers():
+            save_model(student, run.run_dir / "model", run.args.student, run.args.ensemble_alpha,
+                       run.args.student_size)
         write_training_args(run.run_dir / "training_args.json", run.args, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -500,10 +517,8 @@ def main(argv: list[str] | None = None) -> dict:
         plan = check_args(args)
     except ValueError as error:
         parser.error(str(error))
-    # A CLIPModel checkpoint's text weights are expected to go unused by the vision models: no report tables.
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    run = setup_run(args, plan)
+    with quiet_transformers():
+        run = setup_run(args, plan)
     train(run)
     summary = finish(run)
     if run.accelerator.is_main_process:

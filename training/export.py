@@ -31,9 +31,9 @@ def ensembled_state_dict(student: DeCLIPVisionModel, start_checkpoint: str, alph
     if alpha == 1.0:
         return state
     start = DeCLIPVisionModel.from_pretrained(start_checkpoint, dtype=torch.float32).state_dict()
+    # lerp(start, student, alpha) = start + alpha * (student - start): frozen tensors come back bit for bit.
     return {
-        name: (alpha * tensor.float() + (1.0 - alpha) * start[name].float()).to(tensor.dtype)
-        if tensor.is_floating_point()
+        name: torch.lerp(start[name].float(), tensor.float(), alpha).to(tensor.dtype) if tensor.is_floating_point()
         else tensor
         for name, tensor in state.items()
     }

@@ -1,0 +1,399 @@
+"""The distillation script (training/distill.py): trainable set, optimiser groups, schedule, start-up checks, and
+real runs on tiny models: two processes, resume, and the losses going down."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.scheduler import AcceleratedScheduler
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+from transformers import AutoModel, CLIPImageProcessor, CLIPTextModelWithProjection
+
+from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPVisionModel
+from training import distill
+from training.data import collate_views
+from training.losses import DeCLIPLoss
+from training.optim import build_scheduler, configure_trainable, parameter_groups
+from training.teachers import FrozenCLIPTeacher, FrozenVFM
+from training.tiny_assets import NUM_BAD_IMAGES, synthetic_image, write_image_shards
+from training.views import ViewConfig, make_views, to_rgb
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tiny CLIP: patch 4, image 32 -> student view 64 px is a 16 x 16 grid; tiny DINOv2 patch 2 -> VFM view 32 px.
+STUDENT_SIZE = 64
+
+
+def _tiny_view_config() -> ViewConfig:
+    return ViewConfig(student_size=STUDENT_SIZE, student_patch=4, teacher_size=32, vfm_patch=2, max_crops=8)
+
+
+def _batch(num_images: int, seed: int) -> dict[str, torch.Tensor]:
+    rng = __import__("numpy").random.default_rng(seed)
+    images = [to_rgb(synthetic_image(index, rng)) for index in range(num_images)]
+    examples = [make_views(image, _tiny_view_config(), random.Random(seed + i)) for i, image in enumerate(images)]
+    for example in examples:
+        example.update(skipped=torch.zeros(6, dtype=torch.long), worker=torch.tensor(0), num_workers=torch.tensor(1),
+                       stream_position=torch.tensor(0))
+    return collate_views(examples)
+
+
+def _run_in_process(argv: list[str]) -> dict:
+    """`main` in this process (much faster than a launch); Accelerate's singletons are reset around it.
+
+    datasets' parquet reader sleeps 5 s whenever an iteration over it ends (a pyarrow thread-shutdown workaround,
+    `datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`), i.e. at every epoch end: shortened here, for speed only.
+    """
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.2)
+            return distill.main([str(arg) for arg in argv])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def _logs(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logs.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------ trainable set, optim
+
+
+def _expected_frozen(name: str, mode: str, last: int) -> bool:
+    """The rule of method §5 plus the last layer's parts the decoupled path never reads, written out plainly."""
+    if not name.startswith("encoder.layers."):
+        return True  # embeddings, pre_layrnorm, post_layernorm, visual_projection
+    layer = int(name.split(".")[2])
+    if layer != last:
+        return False
+    unused_projections = {"qq": ["k_proj"], "kk": ["q_proj"], "vv": ["q_proj", "k_proj"], "csa": [], "all": []}[mode]
+    return ".mlp." in name or ".layer_norm2." in name or any(f".{p}." in name for p in unused_projections)
+
+
+@pytest.mark.parametrize("mode", TRAINABLE_ATTENTION_MODES)
+def test_trainable_set_and_every_trainable_parameter_gets_a_gradient(mode, tiny_clip_dir, tiny_dinov2_dir):
+    student = DeCLIPVisionModel.from_pretrained(tiny_clip_dir, decoupled_attention=mode)
+    trainable = set(configure_trainable(student))
+    last = student.config.num_hidden_layers - 1
+    names = [name for name, _ in student.named_parameters()]
+    assert trainable == {name for name in names if not _expected_frozen(name, mode, last)}
+
+    teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(tiny_clip_dir))
+    vfm = FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))
+    batch = _batch(2, seed=1)
+    terms = distill.training_step(batch, distill.DenseStudent(student), teacher, vfm, DeCLIPLoss(), Accelerator(cpu=True))
+    terms["total"].backward()
+    for name, parameter in student.named_parameters():
+        if name in trainable:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+    assert all(p.grad is None for p in [*teacher.parameters(), *vfm.parameters()])
+
+
+def test_num_trainable_layers_keeps_earlier_layers_frozen(tiny_clip_dir):
+    student = DeCLIPVisionModel.from_pretrained(tiny_clip_dir, decoupled_attention="csa")
+    trainable = configure_trainable(student, num_trainable_layers=1)
+    assert trainable and all(name.startswith("encoder.layers.1.") for name in trainable)
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        configure_trainable(student, num_trainable_layers=3)
+
+
+def test_weight_decay_only_on_matrices(tiny_clip_dir):
+    student = DeCLIPVisionModel.from_pretrained(tiny_clip_dir, decoupled_attention="all")
+    configure_trainable(student)
+    decay, no_decay = parameter_groups(student, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    for name, parameter in student.named_parameters():
+        in_decay, in_no_decay = id(parameter) in ids(decay["params"]), id(parameter) in ids(no_decay["params"])
+        if not parameter.requires_grad:
+            assert not in_decay and not in_no_decay, name
+        elif name.endswith(".weight") and ("_proj." in name or ".fc" in name):
+            assert in_decay and not in_no_decay, name  # the linear layers' matrices
+        else:
+            assert in_no_decay and not in_decay, name  # biases and layer norm weights
+
+
+def _warmup_cosine(update: int, warmup: int, total: int, lr: float) -> float:
+    if update < warmup:
+        return lr * update / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (update - warmup) / (total - warmup)))
+
+
+@pytest.mark.parametrize("num_processes", [1, 2, 4])
+def test_prepared_scheduler_spans_warmup_and_total_in_updates(num_processes, monkeypatch):
+    """Accelerate's wrapper steps the scheduler once per process each update; build_scheduler compensates."""
+
+    class FakeState:  # what AcceleratedScheduler reads; a real multi-process run is checked below
+        def __init__(self):
+            self.num_processes = num_processes
+
+    monkeypatch.setattr("accelerate.scheduler.AcceleratorState", FakeState)
+    GradientState._reset_state()
+    parameter = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    optimizer.step_was_skipped = False  # set by Accelerate's optimizer wrapper
+    scheduler = AcceleratedScheduler(build_scheduler(optimizer, 3, 10, num_processes), optimizer)
+    for update in range(1, 11):
+        optimizer.step()
+        scheduler.step()
+        assert scheduler.get_last_lr()[0] == pytest.approx(_warmup_cosine(update, 3, 10, 1e-3), abs=1e-12)
+    GradientState._reset_state()
+
+
+# ------------------------------------------------------------------------------------------------ arguments, start-up
+
+
+def test_yaml_config_keys_are_flags_and_the_command_line_wins(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("student: a\nlr: 3.0e-4\nbetas: [0.8, 0.9]\ngradient_checkpointing: true\nmax_steps: 7\n")
+    args = distill.parse_args(["--config", str(config), "--lr", "1e-3", "--no-gradient_checkpointing"])
+    assert (args.student, args.lr, args.betas, args.gradient_checkpointing, args.max_steps) == ("a", 1e-3,
+                                                                                              [0.8, 0.9], False, 7)
+    config.write_text("learning_rate: 1\n")
+    with pytest.raises(SystemExit):
+        distill.parse_args(["--config", str(config)])
+
+
+def test_every_flag_has_help():
+    for action in distill.build_parser()._actions:
+        assert action.help, action.dest
+
+
+@pytest.fixture(scope="module")
+def image_shards(tmp_path_factory) -> Path:
+    """12 images (10 usable, one truncated and one 5 px) in two parquet shards."""
+    folder = tmp_path_factory.mktemp("images")
+    write_image_shards(folder, num_images=12, num_shards=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single_shard(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images_one_shard")
+    write_image_shards(folder, num_images=14, num_shards=1, seed=3)
+    return folder
+
+
+def _base_argv(clip, dinov2, images, output_dir) -> list:
+    return ["--student", clip, "--vfm", dinov2, "--dataset", images, "--student_size", STUDENT_SIZE,
+            "--output_dir", output_dir, "--dataloader_num_workers", 0, "--report_to", "none", "--shuffle_buffer", 4]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--student_size", 62], "not a multiple of the student's patch size 4"),
+        (["--vfm", "CLIP"], "the context teacher must be one of dinov2"),
+        (["--image_column", "picture"], "no column 'picture'"),
+        (["--decoupled_attention", "vanilla"], "invalid choice: 'vanilla'"),
+        (["--ensemble_alpha", 1.5], "ensemble_alpha must be in"),
+        (["--max_steps", None], "give --max_steps, or --images_per_epoch"),
+    ],
+)
+def test_bad_values_fail_at_start_before_any_model(change, message, tiny_clip_dir, tiny_dinov2_dir, image_shards,
+                                                    tmp_path, monkeypatch, capsys):
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(distill, "build_models", no_models)
+    argv = _base_argv(tiny_clip_dir, tiny_dinov2_dir, image_shards, tmp_path / "run") + ["--max_steps", 2]
+    flag = change[0]
+    if change[1] is None:  # drop the flag
+        index = argv.index(flag)
+        del argv[index : index + 2]
+    else:
+        argv += [flag, tiny_clip_dir if change[1] == "CLIP" else change[1]]
+    with pytest.raises(SystemExit) as exit_info:
+        distill.main([str(arg) for arg in argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_value_in_the_config_file_is_checked_like_a_flag(tmp_path, tiny_clip_dir, tiny_dinov2_dir, image_shards,
+                                                             capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"student: {tiny_clip_dir}\nvfm: {tiny_dinov2_dir}\ndataset: {image_shards}\n"
+                      f"decoupled_attention: qk\nmax_steps: 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        distill.main(["--config", str(config)])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'qk'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, tiny_clip_dir, tiny_dinov2_registers_dir, image_shards) -> Path:
+    """A real `accelerate launch` with two CPU processes (DDP over gloo) for 4 updates, across an epoch end."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    argv = _base_argv(tiny_clip_dir, tiny_dinov2_registers_dir, image_shards, run_dir) + [
+        "--max_steps", 4, "--per_device_batch_size", 2, "--lr", 2e-3, "--warmup_steps", 2, "--logging_steps", 1,
+        "--checkpointing_steps", 2, "--ensemble_alpha", 0.7, "--log_image_hashes", "--decoupled_attention", "csa"]
+    # `accelerate launch --cpu --num_processes 2` would start ONE process; --multi_gpu with ACCELERATE_USE_CPU=1
+    # starts two, which talk over gloo.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29531", "training/distill.py", *map(str, argv)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return run_dir
+
+
+def test_two_processes_train_distributed_on_disjoint_images(two_process_run):
+    logs = _logs(two_process_run)
+    assert [record["step"] for record in logs] == [1, 2, 3, 4]
+    assert all(record["world_size"] == 2 for record in logs)
+    traces = [(two_process_run / "debug" / f"image_hashes_rank{rank}.txt").read_text().split("\n")[:-1]
+              for rank in range(2)]
+    by_epoch = [{} for _ in range(2)]
+    for rank, lines in enumerate(traces):
+        assert lines, f"rank {rank} trained on nothing"
+        for line in lines:
+            epoch, digest = line.split("\t")
+            by_epoch[rank].setdefault(epoch, set()).add(digest)
+    for epoch in set(by_epoch[0]) | set(by_epoch[1]):
+        assert not by_epoch[0].get(epoch, set()) & by_epoch[1].get(epoch, set()), f"epoch {epoch}"
+    # 5 usable images per rank (one shard each) in batches of 2: 3 batches an epoch, so 4 updates cross into epoch 1.
+    assert {"0", "1"} <= set(by_epoch[0])
+    assert logs[-1]["images_seen"] == sum(len(lines) for lines in traces)
+
+
+def test_two_process_run_counts_the_unusable_images(two_process_run):
+    summary = json.loads((two_process_run / "training_args.json").read_text())["summary"]
+    # A whole epoch was read on both ranks: each holds one of the NUM_BAD_IMAGES bad ones.
+    assert summary["skipped"]["truncated"] >= 1 and summary["skipped"]["tiny"] >= 1
+    assert sum(summary["skipped"].values()) >= NUM_BAD_IMAGES
+    assert summary["steps"] == 4 and summary["world_size"] == 2
+
+
+def test_two_process_schedule_counts_updates(two_process_run):
+    lr = 2e-3 * (2 * 2) / 16  # linear scaling from the reference total batch of 16
+    for record in _logs(two_process_run):
+        assert record["lr"] == pytest.approx(_warmup_cosine(record["step"], 2, 4, lr), abs=1e-12)
+
+
+def test_saved_model_is_the_ensemble_of_trained_and_starting_weights(two_process_run, tiny_clip_dir):
+    saved = DeCLIPVisionModel.from_pretrained(two_process_run / "model")
+    start = DeCLIPVisionModel.from_pretrained(tiny_clip_dir)
+    assert saved.config.decoupled_attention == "csa"
+    # The last checkpoint holds the live student (inside DenseStudent) at the final step.
+    trained = load_file(two_process_run / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    start_state, saved_state = start.state_dict(), saved.state_dict()
+    changed = 0
+    for name, value in saved_state.items():
+        expected = 0.7 * trained[f"model.{name}"] + 0.3 * start_state[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+        changed += not torch.equal(value, start_state[name])
+    assert changed > 0
+    assert torch.equal(saved_state["embeddings.patch_embedding.weight"], start_state["embeddings.patch_embedding.weight"])
+
+
+def test_saved_folder_is_self_sufficient(two_process_run, tiny_clip_dir):
+    folder = two_process_run / "model"
+    remote = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(remote).__name__ == "DeCLIPVisionModel"
+    processor = CLIPImageProcessor.from_pretrained(folder)
+    assert processor.crop_size == {"height": STUDENT_SIZE, "width": STUDENT_SIZE}
+    assert "longest side" in processor.declip_note
+    text = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
+    start_text = CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir)
+    for (name, value), start_value in zip(text.state_dict().items(), start_text.state_dict().values()):
+        assert torch.equal(value, start_value), name
+    record = json.loads((two_process_run / "training_args.json").read_text())
+    assert record["command"].startswith("accelerate launch training/distill.py")
+    assert record["args"]["ensemble_alpha"] == 0.7 and record["args"]["decoupled_attention"] == "csa"
+    assert set(record["versions"]) == {"torch", "transformers", "accelerate", "datasets", "declip_hf"}
+    assert set(record["summary"]["final_losses"]) == {"content", "context", "total"}
+
+
+# ------------------------------------------------------------------------------------------------ resume, learning
+
+
+def _resume_argv(tiny_clip_dir, tiny_dinov2_dir, single_shard, run_dir) -> list:
+    return _base_argv(tiny_clip_dir, tiny_dinov2_dir, single_shard, run_dir) + [
+        "--max_steps", 10, "--per_device_batch_size", 3, "--lr", 3e-3, "--lr_scaling", "none", "--warmup_steps", 2,
+        "--logging_steps", 1, "--checkpointing_steps", 5, "--context_weight", 1.0, "--seed", 5]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, tiny_clip_dir, tiny_dinov2_dir, single_shard) -> Path:
+    run_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    _run_in_process(_resume_argv(tiny_clip_dir, tiny_dinov2_dir, single_shard, run_dir))
+    return run_dir
+
+
+def test_resumed_run_continues_exactly(uninterrupted_run, tiny_clip_dir, tiny_dinov2_dir, single_shard, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    argv = _resume_argv(tiny_clip_dir, tiny_dinov2_dir, single_shard, run_dir)
+    # 12 usable images in batches of 3: 4 updates an epoch, so the stop at 3 is mid-epoch and the rest crosses two
+    # epoch ends. The stop is between two saves: the stop itself must checkpoint.
+    first = _run_in_process(argv + ["--stop_after_steps", 3])
+    assert first["steps"] == 3 and not first["finished"]
+    assert (run_dir / "checkpoints" / "checkpoint-3" / "COMPLETED").exists()
+    second = _run_in_process(argv + ["--resume_from_checkpoint", "latest"])
+    assert second["steps"] == 10 and second["finished"]
+
+    expected = {record["step"]: record for record in _logs(uninterrupted_run)}
+    resumed = _logs(run_dir)
+    assert [record["step"] for record in resumed] == list(range(1, 11))
+    for record in resumed:
+        reference = expected[record["step"]]
+        for key in ("loss/content", "loss/context", "loss/total", "lr", "images_seen", "epoch"):
+            assert record[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-9), (record["step"], key)
+    assert second["skipped"] == json.loads((uninterrupted_run / "training_args.json").read_text())["summary"]["skipped"]
+    final = DeCLIPVisionModel.from_pretrained(run_dir / "model").state_dict()
+    for name, value in DeCLIPVisionModel.from_pretrained(uninterrupted_run / "model").state_dict().items():
+        torch.testing.assert_close(final[name], value, rtol=0, atol=1e-6)
+
+
+def test_latest_ignores_an_incomplete_checkpoint(uninterrupted_run):
+    from training.checkpointing import COMPLETED_MARKER, resolve_resume
+
+    checkpoints = uninterrupted_run / "checkpoints"
+    assert resolve_resume("latest", checkpoints).name == "checkpoint-10"
+    broken = checkpoints / "checkpoint-99"
+    broken.mkdir()
+    assert resolve_resume("latest", checkpoints).name == "checkpoint-10"
+    with pytest.raises(ValueError, match=COMPLETED_MARKER):
+        resolve_resume(str(broken), checkpoints)
+    broken.rmdir()
+
+
+def test_short_run_lowers_held_out_losses(uninterrupted_run, tiny_clip_dir, tiny_dinov2_dir):
+    batch = _batch(4, seed=99)  # images the run never saw
+    teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(tiny_clip_dir))
+    vfm = FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))
+    loss_fn = DeCLIPLoss(context_weight=1.0)
+
+    def held_out_losses(checkpoint) -> dict[str, float]:
+        student = DeCLIPVisionModel.from_pretrained(checkpoint, decoupled_attention="qq").eval()
+        with torch.no_grad():
+            terms = distill.training_step(batch, distill.DenseStudent(student), teacher, vfm, loss_fn,
+                                          Accelerator(cpu=True))
+        return {name: value.item() for name, value in terms.items()}
+
+    before, after = held_out_losses(tiny_clip_dir), held_out_losses(uninterrupted_run / "model")
+    assert after["content"] < 0.8 * before["content"], (before, after)
+    assert after["context"] < before["context"], (before, after)
+
+
+def test_held_out_batch_is_not_trivial():
+    batch = _batch(2, seed=99)
+    assert batch["crop_valid"].sum() >= 2
+    assert F.normalize(batch["student"].flatten(1), dim=-1).prod(dim=0).sum() < 0.99
