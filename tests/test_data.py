@@ -136,11 +136,15 @@ def views_dataset(source, rank=0, world_size=1, shuffle_buffer=0, seed=0) -> Ima
 # Disjoint coverage
 
 
-@pytest.mark.parametrize("world_size", [2, 3])  # 3 shards: split by examples for 2 ranks, by shards for 3
-def test_ranks_read_disjoint_parts_that_cover_the_stream(parquet_dir, world_size):
+# 3 shards: split by examples for 2 ranks, by shards for 3; the buffer fed by all shards at once or one at a time.
+@pytest.mark.parametrize("world_size, input_shards", [(2, 10), (3, 10), (2, 1)])
+def test_ranks_read_disjoint_parts_that_cover_the_stream(parquet_dir, world_size, input_shards):
     stream = open_image_stream(str(parquet_dir))
     assert stream.num_shards == 3 and stream.column_names == ["image"]
-    parts = [row_names(shard_for_process(stream, rank, world_size, seed=0, shuffle_buffer=8)) for rank in range(world_size)]
+    parts = [
+        row_names(shard_for_process(stream, rank, world_size, seed=0, shuffle_buffer=8, shuffle_input_shards=input_shards))
+        for rank in range(world_size)
+    ]
     everything = [name for part in parts for name in part]
     assert len(everything) == NUM_ROWS and len(set(everything)) == NUM_ROWS
     assert all(len(part) >= NUM_ROWS // world_size - 1 for part in parts)

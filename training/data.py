@@ -124,7 +124,12 @@ def validate_source(source: str, split: str = "train", image_column: str = "imag
 
 
 def shard_for_process(
-    stream: IterableDataset, rank: int, world_size: int, seed: int, shuffle_buffer: int
+    stream: IterableDataset,
+    rank: int,
+    world_size: int,
+    seed: int,
+    shuffle_buffer: int,
+    shuffle_input_shards: int = 10,
 ) -> IterableDataset:
     """This rank's disjoint part of `stream`, shuffled with a `shuffle_buffer`-example buffer (0 or 1: no shuffle).
 
@@ -132,9 +137,13 @@ def shard_for_process(
     every rank reads the whole stream and keeps every `world_size`-th example (e.g. a streamed image folder, which
     is one shard). Either way the parts are disjoint and cover the stream. The shuffle is seeded identically on
     every rank (required for that split) and changes with `set_epoch` (see `ImageViewsDataset.set_epoch`).
+
+    `shuffle_input_shards` shards feed the buffer at a time (`datasets`' `max_buffer_input_shards`): more mixes
+    better, but with several parquet shards `datasets` then reads them in threads and pauses 5 s at the end of
+    every pass (a guard against apache/arrow#45214); 1 avoids the pause, which matters only for tiny runs.
     """
     if shuffle_buffer > 1:
-        stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer, max_buffer_input_shards=shuffle_input_shards)
     return split_dataset_by_node(stream, rank=rank, world_size=world_size)
 
 
