@@ -25,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import Image as ImageFeature
+from datasets import load_dataset
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .benchmarks import (
     REGION_BENCHMARKS,
@@ -114,9 +117,6 @@ class ConfusionMatrix:
 
 def load_split(path: str, config_name, split: str, data_files, columns: tuple[str, ...]):
     """Stream one split; image columns are left undecoded so a broken file is skipped, not fatal."""
-    from datasets import Image as ImageFeature
-    from datasets import load_dataset
-
     dataset = load_dataset(path, config_name, split=split, data_files=data_files, streaming=True)
     features = dataset.features
     if features is not None:
@@ -201,8 +201,6 @@ def _percent_or_none(value: float) -> float | None:
 
 def evaluate_segmentation(segmenter: DeCLIPSegmenter, spec: SegmentationBenchmark, max_images=None, **kwargs) -> dict:
     """mIoU, aAcc, mAcc and per-class IoU of one benchmark, as the results file records them."""
-    from tqdm.auto import tqdm
-
     dataset = load_split(spec.path, spec.config_name, spec.split, spec.data_files, (spec.image_column, spec.label_column))
     classes = segmenter.encode_classes(spec.class_names)
     matrix = ConfusionMatrix(spec.num_classes, spec.ignore_index)
@@ -307,8 +305,6 @@ def _mean_class_accuracy(correct: torch.Tensor, total: torch.Tensor, selected: t
 
 def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_images=None) -> dict:
     """Top-1 mean class accuracy of box (RoIAlign) and mask-pooled features, for things and stuff separately."""
-    from tqdm.auto import tqdm
-
     dataset = load_split(
         spec.path, spec.config_name, spec.split, spec.data_files,
         (spec.image_column, spec.panoptic_column, spec.segments_column),
@@ -440,16 +436,19 @@ def main(argv=None) -> dict:
     device_type = torch.device(args.device).type
     results = {"model": args.model, "protocol": PROTOCOL, "benchmarks": {}, "region_classification": {},
                "versions": collect_versions()}
-    results["versions"]["decoupled_attention"] = segmenter.vision_model.config.decoupled_attention
+    # Recorded with every number: max_images so a smoke test is never mistaken for the full split.
+    run_settings = {"precision": args.precision, "max_images": args.max_images,
+                    "decoupled_attention": segmenter.vision_model.config.decoupled_attention}
     for spec in segmentation_specs:
         with precision(device_type):
             result = evaluate_segmentation(segmenter, spec, args.max_images, windows_per_batch=args.windows_per_batch)
-        results["benchmarks"][spec.name] = {**result, "settings": {**result["settings"], "precision": args.precision}}
+        results["benchmarks"][spec.name] = {**result, "settings": {**result["settings"], **run_settings}}
         write_results(results, args.output)
-        logger.info("%s: mIoU %.2f", spec.name, result["mIoU"] or math.nan)
+        logger.info("%s: mIoU %s", spec.name, result["mIoU"])
     for spec in region_specs:
         with precision(device_type):
-            results["region_classification"][spec.name] = evaluate_regions(segmenter, spec, args.max_images)
+            result = evaluate_regions(segmenter, spec, args.max_images)
+        results["region_classification"][spec.name] = {**result, "settings": {**result["settings"], **run_settings}}
         write_results(results, args.output)
     write_results(results, args.output)
     return results

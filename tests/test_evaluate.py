@@ -193,6 +193,7 @@ def test_evaluation_command_end_to_end(tmp_path, tiny_clip_dir):
     assert list(toy["per_class_IoU"]) == ["background", "cat", "dog"]
     assert toy["settings"]["background_threshold"] == 0.3 and toy["settings"]["window"] == 16
     assert toy["settings"]["logit_scale"] == 50.0 and toy["settings"]["shorter_side"] == 24
+    assert toy["settings"]["max_images"] == 3 and toy["settings"]["decoupled_attention"] == "qq"
 
     # The same numbers from the segmenter called directly and plain per-class counting.
     segmenter = DeCLIPSegmenter.from_pretrained(tiny_clip_dir)

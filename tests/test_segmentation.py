@@ -244,3 +244,25 @@ def test_demo_writes_an_overlay_with_a_legend(tmp_path, tiny_clip_dir):
     assert written.width > 40 and written.height >= 30  # the legend panel sits right of the image
     overlay = written.convert("RGB").crop((0, 0, 40, 30))
     assert overlay.tobytes() != image.tobytes()  # coloured
+
+
+def test_demo_cli_loads_a_hub_id_with_a_text_encoder_subfolder(tmp_path, tiny_clip_dir, offline_hub_cache):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    release = tmp_path / "release"
+    DeCLIPVisionModel.from_pretrained(tiny_clip_dir).save_pretrained(release)
+    CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir).save_pretrained(release / "text_encoder")
+    CLIPTokenizer.from_pretrained(tiny_clip_dir).save_pretrained(release / "text_encoder")
+    env = offline_hub_cache("someone/declip-tiny", release)
+    Image.new("RGB", (20, 16), (10, 200, 30)).save(tmp_path / "in.png")
+    out = tmp_path / "overlay.png"
+    completed = subprocess.run(
+        [sys.executable, "-m", "declip_hf.segment", str(tmp_path / "in.png"), "--labels", "grass,sky", "--out", str(out),
+         "--model", "someone/declip-tiny", "--shorter-side", "16", "--window", "16", "--stride", "8"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "Wrote" in completed.stdout and Image.open(out).width > 20
