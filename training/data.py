@@ -402,9 +402,8 @@ def collate_views(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     workers = {int(example["worker"]) for example in examples}
     if len(workers) != 1:
         raise ValueError(f"A batch must come from one dataloader worker, got examples of workers {sorted(workers)}")
-    batch["worker"] = examples[0]["worker"]
-    batch["num_workers"] = examples[0]["num_workers"]
-    batch["stream_position"] = max(example["stream_position"] for example in examples)
+    # One worker yields its examples in stream order: the position after the batch is its last example's.
+    batch.update({key: examples[-1][key] for key in POSITION_KEYS})
     return batch
 
 
