@@ -46,7 +46,8 @@ CONTEXT60_CLASSES = ("background", *CONTEXT59_CLASSES)
 
 COCO_OBJECT_CLASSES = (
     BACKGROUND_NAMES,
-    "person; person in shirt; person in jeans; person in dress; person in sweater; person in skirt; person in jacket; body",
+    "person; person in shirt; person in jeans; person in dress; person in sweater; person in skirt; person in jacket; "
+    "body",
     "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light", "fire hydrant",
     "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
     "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball",

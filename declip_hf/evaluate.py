@@ -158,7 +158,10 @@ def prepare_label(label_image: Image.Image, spec: SegmentationBenchmark, sample_
     raw = np.array(label_image)  # palette PNGs give their indices, as mmseg reads them
     if raw.ndim == 3:
         if not (raw == raw[..., :1]).all():
-            raise ValueError(f"Sample {sample_index} of {spec.name}: the label map has colour channels; a single-channel map of class ids is needed.")
+            raise ValueError(
+                f"Sample {sample_index} of {spec.name}: the label map has colour channels; "
+                "a single-channel map of class ids is needed."
+            )
         raw = raw[..., 0]
     label = torch.from_numpy(raw.astype(np.int64))
     ignored = label == spec.ignore_index
@@ -201,7 +204,8 @@ def _percent_or_none(value: float) -> float | None:
 
 def evaluate_segmentation(segmenter: DeCLIPSegmenter, spec: SegmentationBenchmark, max_images=None, **kwargs) -> dict:
     """mIoU, aAcc, mAcc and per-class IoU of one benchmark, as the results file records them."""
-    dataset = load_split(spec.path, spec.config_name, spec.split, spec.data_files, (spec.image_column, spec.label_column))
+    columns = (spec.image_column, spec.label_column)
+    dataset = load_split(spec.path, spec.config_name, spec.split, spec.data_files, columns)
     classes = segmenter.encode_classes(spec.class_names)
     matrix = ConfusionMatrix(spec.num_classes, spec.ignore_index)
     skipped, num_images = Counter(), 0
@@ -363,22 +367,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="DeCLIP or CLIP checkpoint: local folder or Hub id.")
     parser.add_argument("--text-model", default=None,
-                        help="Checkpoint holding the CLIP text tower, if --model has none (neither text_encoder/ nor a CLIPModel).")
+                        help="Checkpoint with the CLIP text tower, if --model has none.")
     parser.add_argument("--decoupled-attention", default=None,
-                        help="Override the checkpoint's decoupled_attention (e.g. csa, or the vanilla/maskclip baselines).")
+                        help="Override the checkpoint's decoupled_attention (e.g. csa, vanilla).")
     parser.add_argument("--benchmarks", default=",".join(SEGMENTATION_BENCHMARKS),
-                        help=f"Comma-separated built-in names ({', '.join(SEGMENTATION_BENCHMARKS)}) or YAML spec paths; '' for none.")
+                        help=f"Comma-separated built-in names ({', '.join(SEGMENTATION_BENCHMARKS)}) "
+                        "or YAML spec paths; '' for none.")
     parser.add_argument("--region-benchmark", default="",
-                        help=f"Comma-separated region-classification specs (built-in: {', '.join(REGION_BENCHMARKS)}) or YAML paths.")
+                        help="Comma-separated region-classification specs "
+                        f"(built-in: {', '.join(REGION_BENCHMARKS)}) or YAML paths.")
     parser.add_argument("--output", required=True, help="Results JSON file (rewritten after each benchmark).")
-    parser.add_argument("--max-images", type=int, default=None, help="Evaluate only the first N samples of each split (a smoke test, not the protocol).")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="Evaluate only the first N samples of each split (a smoke test, not the protocol).")
     parser.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH_OR_ID",
                         help="Replace a benchmark's dataset (load_dataset path: Hub id or local folder). Repeatable.")
     parser.add_argument("--data-files", action="append", default=[], metavar="NAME=FILES",
                         help="Set a benchmark's data_files (e.g. with --dataset NAME=parquet). Repeatable.")
-    parser.add_argument("--split", action="append", default=[], metavar="NAME=SPLIT", help="Replace a benchmark's split. Repeatable.")
+    parser.add_argument("--split", action="append", default=[], metavar="NAME=SPLIT",
+                        help="Replace a benchmark's split. Repeatable.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
-    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="Autocast precision of the forward passes.")
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+                        help="Autocast precision of the forward passes.")
     parser.add_argument("--windows-per-batch", type=int, default=16, help="Sliding-window crops per forward pass.")
     return parser.parse_args(argv)
 

@@ -62,14 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image", help="Input image file.")
     parser.add_argument("--labels", required=True,
-                        help='Comma-separated classes; several names of one class separated by ";" (e.g. "car;vehicle").')
+                        help='Comma-separated classes; names of one class separated by ";" (e.g. "car;vehicle").')
     parser.add_argument("--out", default="overlay.png", help="Output PNG: the overlay with a legend.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="DeCLIP or CLIP checkpoint (local folder or Hub id).")
     parser.add_argument("--text-model", default=None, help="Checkpoint with the CLIP text tower, if --model has none.")
     parser.add_argument("--shorter-side", type=int, default=448, help="Resize the shorter image side to this.")
     parser.add_argument("--window", type=int, default=336, help="Sliding-window size in pixels.")
     parser.add_argument("--stride", type=int, default=112, help="Sliding-window stride in pixels.")
-    parser.add_argument("--logit-scale", type=float, default=40.0, help="Scale of the cosine similarities before softmax.")
+    parser.add_argument("--logit-scale", type=float, default=40.0,
+                        help="Scale of the cosine similarities before the softmax.")
     parser.add_argument("--min-probability", type=float, default=None,
                         help="Leave pixels whose best class probability is below this uncoloured.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")

@@ -248,8 +248,8 @@ class DeCLIPSegmenter(nn.Module):
         self.text_model = text_model
         self.tokenizer = tokenizer
         self.templates = tuple(templates)
-        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("image_mean", torch.tensor(image_mean).float().view(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).float().view(3, 1, 1), persistent=False)
         # name -> (projection_dim,) embedding on the CPU, shared by every class list that uses the name.
         self._name_embedding_cache: dict[str, torch.Tensor] = {}
         self.eval()
@@ -349,7 +349,9 @@ class DeCLIPSegmenter(nn.Module):
                 class_probs = self._class_probabilities(cosine, tensors[index].shape[-2:], classes, logit_scale)
                 label_maps[index] = _threshold_labels(class_probs, background_threshold)
                 probabilities[index] = class_probs if return_probabilities else None
-        return DeCLIPSegmentationOutput(label_maps=label_maps, probabilities=probabilities if return_probabilities else None)
+        return DeCLIPSegmentationOutput(
+            label_maps=label_maps, probabilities=probabilities if return_probabilities else None
+        )
 
     def _batches_of_equal_size(self, tensors: list[torch.Tensor], shorter_side: int, max_longer_side: int):
         """Yield (indices, normalised resized batch (B, 3, h, w)) per group of images with the same size."""

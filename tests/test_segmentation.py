@@ -27,7 +27,8 @@ def test_prompt_templates_are_openais_80():
     assert len(OPENAI_IMAGENET_TEMPLATES) == 80
     assert len(set(OPENAI_IMAGENET_TEMPLATES)) == 80
     assert all(template.count("{}") == 1 for template in OPENAI_IMAGENET_TEMPLATES)
-    assert OPENAI_IMAGENET_TEMPLATES[0] == "a bad photo of a {}." and OPENAI_IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+    assert OPENAI_IMAGENET_TEMPLATES[0] == "a bad photo of a {}."
+    assert OPENAI_IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as open_clip_templates
 
     assert list(OPENAI_IMAGENET_TEMPLATES) == [template("{}") for template in open_clip_templates]
@@ -105,7 +106,8 @@ def test_class_embeddings_are_template_ensembles(segmenter, tiny_clip_dir):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
 
     def ensemble(name):
-        tokens = tokenizer([template.format(name) for template in OPENAI_IMAGENET_TEMPLATES], padding=True, return_tensors="pt")
+        prompts = [template.format(name) for template in OPENAI_IMAGENET_TEMPLATES]
+        tokens = tokenizer(prompts, padding=True, return_tensors="pt")
         with torch.no_grad():
             embeds = clip.get_text_features(**tokens)
         embeds = embeds if torch.is_tensor(embeds) else embeds.pooler_output
@@ -171,7 +173,8 @@ class PixelFeatureModel(nn.Module):
 
 
 def test_multi_name_max_and_background_threshold():
-    segmenter = DeCLIPSegmenter(PixelFeatureModel(), nn.Linear(1, 1), tokenizer=None, image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    # No text side is needed: the class embeddings are given.
+    segmenter = DeCLIPSegmenter(PixelFeatureModel(), nn.Identity(), None, image_mean=(0, 0, 0), image_std=(1, 1, 1))
     # Class 0 ("background") has name e_x; class 1 has two names e_y and e_z.
     classes = ClassEmbeddings(name_embeds=torch.eye(3), name_to_class=torch.tensor([0, 1, 1]))
     pixels = torch.tensor([
@@ -224,7 +227,9 @@ def test_vision_only_folder_needs_a_text_model(tmp_path, tiny_clip_dir):
         DeCLIPSegmenter.from_pretrained(tmp_path)
     segmenter = DeCLIPSegmenter.from_pretrained(tmp_path, text_model=str(tiny_clip_dir))
     reference = DeCLIPSegmenter.from_pretrained(tiny_clip_dir)
-    torch.testing.assert_close(segmenter.encode_classes(["cat"]).name_embeds, reference.encode_classes(["cat"]).name_embeds)
+    torch.testing.assert_close(
+        segmenter.encode_classes(["cat"]).name_embeds, reference.encode_classes(["cat"]).name_embeds
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -260,7 +265,8 @@ def test_demo_cli_loads_a_hub_id_with_a_text_encoder_subfolder(tmp_path, tiny_cl
     Image.new("RGB", (20, 16), (10, 200, 30)).save(tmp_path / "in.png")
     out = tmp_path / "overlay.png"
     completed = subprocess.run(
-        [sys.executable, "-m", "declip_hf.segment", str(tmp_path / "in.png"), "--labels", "grass,sky", "--out", str(out),
+        [sys.executable, "-m", "declip_hf.segment", str(tmp_path / "in.png"), "--labels", "grass,sky",
+         "--out", str(out),
          "--model", "someone/declip-tiny", "--shorter-side", "16", "--window", "16", "--stride", "8"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
