@@ -327,3 +327,11 @@ def test_region_classification_end_to_end(tmp_path, tiny_clip_dir):
         stuff = (hits[kind][2] / 2 + hits[kind][3] / 2) / 2 * 100
         assert math.isclose(regions[kind]["thing_mAcc"], thing, abs_tol=1e-3)
         assert math.isclose(regions[kind]["stuff_mAcc"], stuff, abs_tol=1e-3)
+
+
+def test_example_yaml_spec_loads():
+    from tests.conftest import REPO_ROOT
+
+    spec = get_segmentation_benchmark(str(REPO_ROOT / "configs" / "benchmarks" / "example.yaml"))
+    assert spec.name == "my_parquet_benchmark" and spec.num_classes == 3 and spec.has_background
+    assert split_class_names(spec.class_names)[1] == ("cat", "kitty")
