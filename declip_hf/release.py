@@ -1,0 +1,384 @@
+"""Assemble, validate and push a DeCLIP release (DeCLIP, CVPR 2025, arXiv 2505.04410) to the Hugging Face Hub.
+
+    python -m declip_hf.release RUN_DIR --repo-id org/name [--results results.json] [--out DIR] [--push] [--private]
+
+The folder it assembles is what gets uploaded: safetensors weights, config with `auto_map`, the model code for
+`trust_remote_code`, the image processor config, `text_encoder/` when the run has one, and a README.md card. It is
+validated first (card metadata, loading with and without the package, the card's snippets run offline against
+the folder under the repo id) and `--push` refuses unless every check passed.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+from .model_card import (
+    PIPELINE_TAG,
+    REQUIRED_TAGS,
+    TrainingRun,
+    build_model_card,
+    default_license,
+    hub_id_or_none,
+    load_results,
+)
+from .modeling_declip import DeCLIPVisionModel
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+SUBPROCESS_TIMEOUT_S = 900
+
+# A card snippet is a ```python block right after a `<!-- declip-snippet: KIND -->` marker (invisible on the Hub).
+# The blocks of one kind run in document order as one script, like notebook cells; the kind says what runs first.
+SNIPPET_BLOCK = re.compile(r"<!-- declip-snippet: ([\w-]+) -->\s*```python\n(.*?)^```", re.S | re.M)
+PYTHON_BLOCK = re.compile(r"^```python\s*$", re.M)
+# Snippets shown "without the package" must run where declip_hf cannot be imported at all.
+_WITHOUT_PACKAGE = "import sys\nsys.modules['declip_hf'] = None  # an environment without declip-hf\n\n"
+SNIPPET_PREAMBLES = {"package": "", "remote-code": _WITHOUT_PACKAGE}
+
+# Loads the folder through `auto_map` alone, checks nothing was left unloaded, saves outputs on the parent's inputs.
+# It opens the remote-code snippet script, so that one interpreter start (seconds of imports) serves both checks.
+REMOTE_LOAD_VERIFIED = "declip-release: remote-code weights verified"
+_REMOTE_CODE_CHECK = """import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+_model, _info = AutoModel.from_pretrained({folder!r}, trust_remote_code=True, output_loading_info=True)
+_problems = {{name: value for name, value in _info.items() if value}}
+assert not _problems, f"loading reported {{_problems}}"
+assert not type(_model).__module__.startswith("declip_hf"), f"loaded {{type(_model).__module__}}, not the folder's code"
+_pixel_values = load_file({inputs!r})["pixel_values"]
+with torch.no_grad():
+    save_file({{
+        "image_embeds": _model.eval().get_image_features(_pixel_values).contiguous(),
+        "dense_embeds": _model.get_dense_features(_pixel_values).dense_embeds.contiguous(),
+    }}, {outputs!r})
+print({verified!r}, flush=True)
+del _model, _info, _problems, _pixel_values
+
+"""
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+@dataclass
+class ValidationReport:
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def __str__(self) -> str:
+        return "\n".join(
+            f"[{'ok' if check.passed else 'FAILED'}] {check.name}" + (f": {check.detail}" if check.detail else "")
+            for check in self.checks
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Assembling
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def prepare_out_dir(out: Path, run_dir: Path, replace: bool) -> Path:
+    """An empty folder to assemble into; an existing non-empty one is replaced only when `replace` is set."""
+    out, run_dir = out.resolve(), run_dir.resolve()
+    if run_dir.is_relative_to(out) or out.is_relative_to(run_dir / "model"):
+        raise SystemExit(f"--out {out} overlaps the run's own files; choose a separate folder.")
+    if out.exists() and any(out.iterdir()):
+        if not replace:
+            raise SystemExit(f"{out} is not empty; pass --overwrite to replace it.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def assemble_release(model_dir: Path, out: Path, card: ModelCard) -> list[str]:
+    """Copy the saved model (minus pickles) into `out` and write the card; returns the pickle files left out."""
+    left_out = []
+    for source in sorted(model_dir.rglob("*")):
+        if not source.is_file():
+            continue
+        relative = source.relative_to(model_dir)
+        if source.suffix in PICKLE_SUFFIXES:
+            left_out.append(str(relative))
+            continue
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, out / relative)
+    card.save(out / "README.md")
+    return left_out
+
+
+def build_offline_hub_cache(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0" * 40) -> dict[str, str]:
+    """Lay `folder` out as the Hub cache snapshot of model `repo_id` (`models--org--name/{refs/main,
+    snapshots/<commit>}`) and return an environment in which `from_pretrained(repo_id)` resolves it offline."""
+    repo_cache = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo_cache / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_cache / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo_cache / "snapshots" / commit, dirs_exist_ok=True)
+    return {**os.environ, "HF_HUB_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def extract_snippets(card_text: str) -> dict[str, list[str]]:
+    """The card's python blocks by kind, in document order. Every python block must be marked with a kind that
+    `SNIPPET_PREAMBLES` knows, so that none goes unchecked."""
+    snippets: dict[str, list[str]] = {}
+    for kind, code in SNIPPET_BLOCK.findall(card_text):
+        if kind not in SNIPPET_PREAMBLES:
+            raise ValueError(f"Unknown snippet kind {kind!r}; valid kinds are {', '.join(SNIPPET_PREAMBLES)}.")
+        snippets.setdefault(kind, []).append(code)
+    marked, total = sum(map(len, snippets.values())), len(PYTHON_BLOCK.findall(card_text))
+    if marked != total:
+        raise ValueError(f"{total - marked} of the card's {total} python blocks have no declip-snippet marker.")
+    return snippets
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_card_metadata(folder: Path, expect_results: bool) -> Check:
+    try:
+        card = ModelCard.load(folder / "README.md")
+        metadata = card.data.to_dict()
+        # Parsing the metadata back must give the same metadata (model-index included).
+        round_trip = ModelCardData(**metadata).to_dict()
+    except Exception as error:  # noqa: BLE001 - any parse error fails the check
+        return Check("card metadata parses", False, f"{type(error).__name__}: {error}")
+    problems = [f"round trip changed {sorted(set(metadata) ^ set(round_trip))}"] if round_trip != metadata else []
+    expected = {"library_name": "transformers", "pipeline_tag": PIPELINE_TAG}
+    problems += [f"{key} is {metadata.get(key)!r}, not {value!r}" for key, value in expected.items() if metadata.get(key) != value]
+    problems += [f"tag {tag!r} missing" for tag in REQUIRED_TAGS if tag not in (metadata.get("tags") or [])]
+    problems += ["license missing"] if not metadata.get("license") else []
+    problems += ["results given but no model-index"] if expect_results and not card.data.eval_results else []
+    return Check("card metadata parses", not problems, "; ".join(problems))
+
+
+def check_layout(folder: Path) -> Check:
+    """Safetensors only, a config whose auto_map points at code files that are there, an image processor."""
+    problems = [f"pickle file {path.relative_to(folder)}" for path in folder.rglob("*") if path.suffix in PICKLE_SUFFIXES]
+    if not list(folder.glob("*.safetensors")):
+        problems.append("no .safetensors weights")
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    auto_map = config.get("auto_map", {})
+    problems += [f"auto_map lacks {name}" for name in ("AutoConfig", "AutoModel") if name not in auto_map]
+    modules = {reference.split(".")[0] for reference in auto_map.values()}
+    problems += [f"{module}.py missing" for module in sorted(modules) if not (folder / f"{module}.py").is_file()]
+    problems += ["preprocessor_config.json missing"] if not (folder / "preprocessor_config.json").is_file() else []
+    if (folder / "text_encoder").is_dir() and not list((folder / "text_encoder").glob("*.safetensors")):
+        problems.append("text_encoder/ has no .safetensors weights")
+    return Check("folder layout (safetensors, auto_map code, image processor, no pickles)", not problems, "; ".join(problems))
+
+
+def _loading_problems(info: dict) -> dict:
+    return {name: value for name, value in info.items() if value}
+
+
+def check_loads_with_package(folder: Path) -> tuple[Check, dict[str, torch.Tensor] | None]:
+    """Load with `DeCLIPVisionModel` (and the text tower); returns outputs on a fixed input for the remote-code
+    comparison."""
+    try:
+        model, info = DeCLIPVisionModel.from_pretrained(folder, output_loading_info=True)
+        problems = _loading_problems(info)
+        if (folder / "text_encoder").is_dir():
+            _, text_info = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", output_loading_info=True)
+            AutoTokenizer.from_pretrained(folder / "text_encoder")
+            problems |= {f"text_encoder {name}": value for name, value in _loading_problems(text_info).items()}
+    except Exception as error:  # noqa: BLE001
+        return Check("weights load with declip_hf", False, f"{type(error).__name__}: {error}"), None
+    if problems:
+        return Check("weights load with declip_hf", False, f"loading reported {problems}"), None
+    side = model.config.image_size
+    pixel_values = torch.randn(1, model.config.num_channels, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = {
+            "pixel_values": pixel_values,
+            "image_embeds": model.eval().get_image_features(pixel_values),
+            "dense_embeds": model.get_dense_features(pixel_values).dense_embeds,
+        }
+    return Check("weights load with declip_hf", True, type(model).__name__), outputs
+
+
+def _run_scripts(jobs: dict[str, tuple[list[str], dict]], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Run the subprocesses concurrently (each costs seconds of imports) and wait for all of them."""
+    processes = {
+        name: subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, (command, env) in jobs.items()
+    }
+    finished = {}
+    for name, process in processes.items():
+        try:
+            output, _ = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            output += f"\n(killed after {SUBPROCESS_TIMEOUT_S} s)"
+        finished[name] = subprocess.CompletedProcess(process.args, process.returncode, output)
+    return finished
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _remote_load_check(result: subprocess.CompletedProcess, outputs_file: Path, reference: dict) -> Check:
+    name = "weights load without declip_hf (trust_remote_code)"
+    if REMOTE_LOAD_VERIFIED not in result.stdout:
+        return Check(name, False, _tail(result.stdout))
+    remote = load_file(outputs_file)
+    differences = {key: (remote[key] - reference[key]).abs().max().item() for key in ("image_embeds", "dense_embeds")}
+    agree = all(difference <= 1e-5 for difference in differences.values())
+    return Check(name, agree, f"max difference to the package's outputs {differences}")
+
+
+def validate_release(folder: Path, repo_id: str, expect_results: bool = False) -> ValidationReport:
+    """Cheap static checks first; the loading and snippet checks run only when those pass."""
+    folder = Path(folder)
+    checks = [check_card_metadata(folder, expect_results), check_layout(folder)]
+    if not all(check.passed for check in checks):
+        return ValidationReport(checks)
+    try:
+        snippets = extract_snippets((folder / "README.md").read_text())
+    except ValueError as error:
+        return ValidationReport(checks + [Check("card snippets are marked", False, str(error))])
+    load_check, reference = check_loads_with_package(folder)
+    checks.append(load_check)
+    if reference is None:
+        return ValidationReport(checks)
+    with tempfile.TemporaryDirectory(prefix="declip_release_") as workdir:
+        checks += _run_subprocess_checks(folder, repo_id, snippets, reference, Path(workdir))
+    return ValidationReport(checks)
+
+
+def snippet_environment(folder: Path, repo_id: str, workdir: Path) -> dict[str, str]:
+    """Offline Hub cache holding `folder` as `repo_id`; remote code goes to a private HF_MODULES_CACHE, and
+    PYTHONPATH lets a source checkout of declip_hf stand in for an installed one."""
+    env = build_offline_hub_cache(workdir / "hub_cache", repo_id, folder)
+    python_path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    return env | {"HF_MODULES_CACHE": str(workdir / "modules"), "PYTHONPATH": python_path}
+
+
+def run_snippet_scripts(scripts: dict[str, str], env: dict[str, str], workdir: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Run one script per snippet kind, each after its kind's preamble, in `workdir`."""
+    jobs = {}
+    for kind, code in scripts.items():
+        (workdir / f"snippets_{kind}.py").write_text(SNIPPET_PREAMBLES[kind] + code)
+        jobs[kind] = ([sys.executable, f"snippets_{kind}.py"], env)
+    return _run_scripts(jobs, cwd=workdir)
+
+
+def _run_subprocess_checks(folder: Path, repo_id: str, snippets: dict, reference: dict, workdir: Path) -> list[Check]:
+    save_file({"pixel_values": reference["pixel_values"].contiguous()}, workdir / "inputs.safetensors")
+    remote_check = _REMOTE_CODE_CHECK.format(
+        folder=str(folder), inputs="inputs.safetensors", outputs="outputs.safetensors", verified=REMOTE_LOAD_VERIFIED
+    )
+    scripts = {kind: "\n\n".join(blocks) for kind, blocks in snippets.items()}
+    scripts["remote-code"] = remote_check + scripts.get("remote-code", "")
+    results = run_snippet_scripts(scripts, snippet_environment(folder, repo_id, workdir), workdir)
+    checks = [_remote_load_check(results["remote-code"], workdir / "outputs.safetensors", reference)]
+    for kind, blocks in snippets.items():
+        result = results[kind]
+        detail = f"{len(blocks)} blocks" if result.returncode == 0 else _tail(result.stdout)
+        checks.append(Check(f"card snippets ({kind}) run offline as {repo_id}", result.returncode == 0, detail))
+    return checks
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pushing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def commit_message(run: TrainingRun) -> str:
+    args, steps = run.args, run.summary.get("steps")
+    student = hub_id_or_none(args.get("student")) or Path(str(args.get("student", "CLIP"))).name
+    details = ", ".join(
+        part
+        for part in (f"student {student}", f"VFM {args['vfm']}" if "vfm" in args else "", f"{steps} steps" if steps else "")
+        if part
+    )
+    return f"Release DeCLIP run {run.name}: {details}"
+
+
+def push_release(folder: Path, repo_id: str, private: bool, message: str, token: str):
+    """One `upload_folder` call is one commit: either the whole release lands or none of it does."""
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder, commit_message=message)
+    except Exception as error:  # noqa: BLE001 - every failure gets the same clear message
+        raise SystemExit(
+            f"Push to {repo_id} failed ({type(error).__name__}: {error}). The upload is a single commit, so no file of "
+            "this release was committed (the repository itself may have been created). Fix the cause and rerun with --push."
+        ) from error
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="Training run directory (training/distill.py output: model/, training_args.json).")
+    parser.add_argument("--repo-id", required=True, help="Hub repository to release to, as org/name; the card's snippets use it.")
+    parser.add_argument(
+        "--results", type=Path, default=None, help="declip_hf.evaluate results JSON (default: RUN_DIR/eval_results.json if present)."
+    )
+    parser.add_argument("--out", type=Path, default=None, help="Folder to assemble the release in (default: RUN_DIR/release).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out (RUN_DIR/release is always replaced).")
+    parser.add_argument("--push", action="store_true", help="Upload the validated folder as one commit (needs a Hub token).")
+    parser.add_argument("--private", action="store_true", help="Create the repository private (an existing repository keeps its visibility).")
+    parser.add_argument("--license", default=None, help="Licence of the release; defaults to the base model's when known (OpenAI/LAION CLIP: mit).")
+    parser.add_argument("--base-model", default=None, help="Hub id of the starting CLIP (default: the run's student when it is a Hub id).")
+    parser.add_argument("--dataset", action="append", default=None, help="Hub id of a training dataset (repeatable; default: the run's dataset when it is a Hub id).")
+    return parser.parse_args(argv)
+
+
+def _build_card(run: TrainingRun, args, results: dict | None) -> ModelCard:
+    base_model = args.base_model or hub_id_or_none(run.args.get("student"))
+    license = args.license or default_license(base_model)
+    if license is None:
+        raise SystemExit("The licence of the starting checkpoint is unknown: pass --license (e.g. mit, apache-2.0, other).")
+    return build_model_card(run, args.repo_id, license, args.base_model, args.dataset, results)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run = TrainingRun.from_dir(args.run_dir)
+    token = get_token() if args.push else None
+    if args.push and token is None:
+        print("Refusing to push: no Hugging Face token. Run `hf auth login` or set HF_TOKEN.", file=sys.stderr)
+        return 2
+    default_results = args.run_dir / "eval_results.json"
+    results = load_results(args.results or (default_results if default_results.is_file() else None))
+    card = _build_card(run, args, results)
+    out = prepare_out_dir(args.out or args.run_dir / "release", args.run_dir, replace=args.overwrite or args.out is None)
+    left_out = assemble_release(run.model_dir, out, card)
+    if left_out:
+        print(f"Left out pickle files (only safetensors are released): {left_out}")
+    report = validate_release(out, args.repo_id, expect_results=results is not None)
+    print(f"Release folder {out}:\n{report}")
+    if not report.passed:
+        print("Validation failed: " + ("refusing to push, nothing was uploaded." if args.push else "fix the above."), file=sys.stderr)
+        return 1
+    if args.push:
+        commit = push_release(out, args.repo_id, args.private, commit_message(run), token)
+        print(f"Pushed {args.repo_id} at revision {commit.oid}: {commit.commit_url}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""Model card and release command: a tiny training run becomes a release folder whose card snippets run offline
+under the card's repo id, and whose push is checked up to the network call."""
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import CommitInfo, HfApi, ModelCard
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithProjection
+
+from declip_hf import DeCLIPVisionModel
+from declip_hf import release
+from declip_hf.model_card import PAPER_SEGMENTATION_MIOU, TrainingRun, build_model_card
+
+REPO_ID = "declip-test/tiny-declip"
+
+TRAINING_ARGS = {
+    "student": None,  # the tiny CLIP's path, filled in by build_tiny_run
+    "vfm": "facebook/dinov2-base",
+    "dataset": "detection-datasets/coco",
+    "decoupled_attention": "csa",
+    "student_size": 64,
+    "teacher_size": 32,
+    "max_split": 3,
+    "max_crops": 5,
+    "content_weight": 1.0,
+    "context_weight": 0.1,
+    "learning_rate": 1e-5,
+    "weight_decay": 0.1,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.98,
+    "adam_epsilon": 1e-6,
+    "warmup_steps": 2,
+    "num_epochs": 1,
+    "max_steps": 3,
+    "per_device_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "ensemble_alpha": 0.7,
+    "seed": 1234,
+    "mixed_precision": "bf16",
+}
+
+RESULTS = {
+    "model": "run/model",
+    "protocol": "DeCLIP paper settings (short side 448, sliding window 336, stride 112)",
+    "benchmarks": {
+        "voc21": {"mIoU": 12.34, "aAcc": 45.6, "mAcc": 20.5, "per_class_IoU": {"background": 40.0}, "num_images": 3,
+                  "skipped": 0, "settings": {"logit_scale": 80}},
+        "ade20k": {"mIoU": 3.21, "aAcc": 30.1, "mAcc": 5.5, "per_class_IoU": {"wall": 10.0}, "num_images": 2,
+                   "skipped": 1, "settings": {"logit_scale": 40}},
+    },
+    "region_classification": {
+        "coco_panoptic": {"box": {"thing_mAcc": 11.5, "stuff_mAcc": 6.25}, "mask": {"thing_mAcc": 12.0, "stuff_mAcc": 7.0},
+                          "num_regions": 17},
+    },
+}
+
+
+def build_tiny_run(run_dir: Path, tiny_clip_dir: Path) -> Path:
+    """A training run directory as `accelerate launch training/distill.py` writes it (model/ with the saved
+    DeCLIPVisionModel, image processor and text_encoder/, training_args.json, logs.jsonl), from the tiny CLIP with
+    its encoder perturbed as training would. Swap in a real tiny training run here when one is cheap enough."""
+    torch.manual_seed(1)
+    model = DeCLIPVisionModel.from_pretrained(tiny_clip_dir, decoupled_attention=TRAINING_ARGS["decoupled_attention"])
+    with torch.no_grad():
+        for parameter in model.encoder.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model_dir = run_dir / "model"
+    model.save_pretrained(model_dir)
+    CLIPImageProcessor.from_pretrained(tiny_clip_dir).save_pretrained(model_dir)
+    CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir).save_pretrained(model_dir / "text_encoder")
+    AutoTokenizer.from_pretrained(tiny_clip_dir).save_pretrained(model_dir / "text_encoder")
+    args = {**TRAINING_ARGS, "student": str(tiny_clip_dir)}
+    recorded = {
+        "command": "accelerate launch training/distill.py " + " ".join(f"--{name} {value}" for name, value in args.items()),
+        "args": args,
+        "summary": {"steps": 3, "images_seen": 6, "skipped": 1, "final_losses": {"content": 0.41, "context": 0.93},
+                    "elapsed_s": 4.2},
+        "versions": {"torch": torch.__version__, "transformers": "5.24.0"},
+    }
+    (run_dir / "training_args.json").write_text(json.dumps(recorded, indent=2))
+    (run_dir / "logs.jsonl").write_text('{"step": 1, "loss": 1.2}\n{"step": 3, "loss": 0.9}\n')
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_clip_dir) -> Path:
+    return build_tiny_run(tmp_path_factory.mktemp("run"), tiny_clip_dir)
+
+
+def intercept_hub(monkeypatch) -> list:
+    """Intercept only the network layer: the two HfApi calls the release makes, and the token lookup."""
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+        calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": files}))
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{'a' * 40}",
+            commit_message=kwargs["commit_message"], commit_description="", oid="a" * 40,
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(release, "get_token", lambda: "hf_not_a_real_token")
+    return calls
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    return intercept_hub(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def released(tiny_run, tmp_path_factory):
+    """`release --push` run end to end on the tiny run, the Hub intercepted; returns (folder, calls, stdout)."""
+    (tiny_run / "eval_results.json").write_text(json.dumps(RESULTS))
+    out = tmp_path_factory.mktemp("release")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(printed):
+        calls = intercept_hub(patch)
+        arguments = ["--repo-id", REPO_ID, "--out", str(out), "--push", "--private", "--overwrite", "--license", "mit"]
+        code = release.main([str(tiny_run), *arguments])
+    assert code == 0, printed.getvalue()
+    return out, calls, printed.getvalue()
+
+
+def _markdown_table_row(name, value) -> str:
+    return f"| `{name}` | `{value if isinstance(value, str) else json.dumps(value)}` |"
+
+
+def test_card_reads_every_training_argument_and_result(tiny_run):
+    run = TrainingRun.from_dir(tiny_run)
+    card = build_model_card(run, REPO_ID, "mit", base_model="openai/clip-vit-base-patch16", results=RESULTS)
+    text = str(card)
+    for name, value in run.args.items():
+        assert _markdown_table_row(name, value) in text, name
+    assert run.command in text
+    assert "| images seen | 6 |" in text and "0.41" in text
+    assert "(https://huggingface.co/datasets/detection-datasets/coco)" in text
+    # The results sit beside the paper's numbers for the same benchmark.
+    assert "| voc21 | 12.34 | 45.60 | 20.50 | 3 | 59.7 |" in text
+    assert "| ade20k | 3.21 | 30.10 | 5.50 | 2 | 21.9 |" in text
+    assert "| coco_panoptic | 11.50 | 6.25 | 12.00 | 7.00 | 17 | 65.0 / 38.8 |" in text
+    assert all(str(value) in text for value in PAPER_SEGMENTATION_MIOU.values())
+    assert "EVA02-CLIP" in text and "arXiv" in text and "2505.04410" in text and "@inproceedings" in text
+
+    metadata = ModelCard(text).data.to_dict()
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-feature-extraction"
+    assert metadata["license"] == "mit" and metadata["base_model"] == "openai/clip-vit-base-patch16"
+    assert metadata["datasets"] == ["detection-datasets/coco"]
+    assert {"custom_code", "declip", "clip", "open-vocabulary", "dense-prediction"} <= set(metadata["tags"])
+    reported = {
+        (result["dataset"]["name"], metric["name"]): metric["value"]
+        for result in metadata["model-index"][0]["results"]
+        for metric in result["metrics"]
+    }
+    assert reported == {
+        ("voc21", "mIoU"): 12.34, ("ade20k", "mIoU"): 3.21,
+        ("coco_panoptic", "thing mAcc (box)"): 11.5, ("coco_panoptic", "stuff mAcc (box)"): 6.25,
+        ("coco_panoptic", "thing mAcc (mask)"): 12.0, ("coco_panoptic", "stuff mAcc (mask)"): 7.0,
+    }
+
+
+def test_card_without_results_or_hub_student_has_no_model_index(tiny_run):
+    card = build_model_card(TrainingRun.from_dir(tiny_run), REPO_ID, "apache-2.0")
+    metadata = card.data.to_dict()
+    assert "model-index" not in metadata and "base_model" not in metadata  # the student is a local path
+    assert "No evaluation results were attached" in str(card)
+    assert "59.7" in str(card)  # the paper's reference table is always there
+
+
+def test_release_folder_and_push_payload(released, tiny_run):
+    out, calls, printed = released
+    assert [call[0] for call in calls] == ["create_repo", "upload_folder"]
+    _, repo_id, create_kwargs = calls[0]
+    assert repo_id == REPO_ID and create_kwargs["private"] is True and create_kwargs["exist_ok"] is True
+    _, repo_id, upload = calls[1]
+    assert repo_id == REPO_ID and Path(upload["folder_path"]) == out.resolve()
+    model_dir = tiny_run / "model"
+    saved = [str(path.relative_to(model_dir)) for path in model_dir.rglob("*") if path.is_file()]
+    assert upload["files"] == sorted(saved + ["README.md"])
+    assert {"config.json", "model.safetensors", "modeling_declip.py", "configuration_declip.py", "region_pooling.py",
+            "preprocessor_config.json", "text_encoder/model.safetensors", "text_encoder/tokenizer_config.json"} <= set(saved)
+    assert upload["commit_message"].startswith(f"Release DeCLIP run {tiny_run.name}: ")
+    assert "facebook/dinov2-base" in upload["commit_message"] and "3 steps" in upload["commit_message"]
+    assert f"revision {'a' * 40}" in printed
+    assert "[FAILED]" not in printed and printed.count("[ok]") == 6
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_declip.DeCLIPVisionModel"
+
+
+def _snippets_by_kind(card_text: str) -> dict[str, str]:
+    """Plain reading of the card: each ```python block, keyed by the marker comment just above it."""
+    blocks = re.findall(r"<!-- declip-snippet: (\S+) -->\n```python\n(.*?)\n```\n", card_text, re.S)
+    assert len(blocks) == card_text.count("```python"), "an unmarked python block"
+    scripts = {}
+    for kind, code in blocks:
+        scripts[kind] = scripts.get(kind, "") + code + "\n\n"
+    return scripts
+
+
+def test_card_snippets_run_unmodified_against_an_offline_hub_cache(released, offline_hub_cache, tmp_path):
+    out, _, _ = released
+    scripts = _snippets_by_kind((out / "README.md").read_text())
+    assert set(scripts) == {"package", "remote-code"}
+    assert f'DeCLIPVisionModel.from_pretrained("{REPO_ID}")' in scripts["package"]
+    assert f'AutoModel.from_pretrained("{REPO_ID}", trust_remote_code=True)' in scripts["remote-code"]
+    assert "declip_hf" not in scripts["remote-code"] and "224" not in "".join(scripts.values())
+
+    env = offline_hub_cache(REPO_ID, out) | {"HF_MODULES_CACHE": str(tmp_path / "modules")}
+    bootstraps = {"package": "", "remote-code": "import sys; sys.modules['declip_hf'] = None; "}
+    processes = {}
+    for kind, code in scripts.items():
+        (tmp_path / f"{kind}.py").write_text(code)
+        command = [sys.executable, "-c", bootstraps[kind] + f"exec(compile(open('{kind}.py').read(), '{kind}.py', 'exec'))"]
+        processes[kind] = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs = {kind: process.communicate(timeout=300)[0] for kind, process in processes.items()}
+    for kind, process in processes.items():
+        assert process.returncode == 0, f"{kind} snippets failed:\n{outputs[kind][-3000:]}"
+    # Tiny model: image 32, patch 4, projection 24; the high-resolution snippet doubles the side.
+    assert "torch.Size([1, 24]) torch.Size([1, 24, 8, 8])" in outputs["package"]
+    assert "torch.Size([1, 24, 16, 16])" in outputs["package"]
+    assert "torch.Size([2, 24])" in outputs["package"]
+    assert "DeCLIPSegmenter.from_pretrained" in scripts["package"] and "torch.Size([480, 640])" in outputs["package"]
+    assert "torch.Size([1, 24, 8, 8])" in outputs["remote-code"]
+
+
+def test_remote_code_snippets_cannot_import_the_package(released, tmp_path):
+    out, _, _ = released
+    marker = "<!-- declip-snippet: remote-code -->\n```python\n"
+    card = (out / "README.md").read_text().replace(marker, marker + "import declip_hf\n", 1)
+    scripts = {"remote-code": "\n\n".join(release.extract_snippets(card)["remote-code"])}
+    env = release.snippet_environment(out, REPO_ID, tmp_path)
+    result = release.run_snippet_scripts(scripts, env, tmp_path)["remote-code"]
+    assert result.returncode != 0 and "ModuleNotFoundError" in result.stdout and "declip_hf" in result.stdout
+
+
+def test_validation_reports_failing_subprocesses(released, monkeypatch):
+    out, _, _ = released
+
+    def failing_scripts(scripts, env, workdir):
+        return {kind: subprocess.CompletedProcess([], 1, f"Traceback\nNameError in {kind}") for kind in scripts}
+
+    monkeypatch.setattr(release, "run_snippet_scripts", failing_scripts)
+    report = release.validate_release(out, REPO_ID, expect_results=True)
+    assert not report.passed
+    assert {check.name: check.passed for check in report.checks} == {
+        "card metadata parses": True,
+        "folder layout (safetensors, auto_map code, image processor, no pickles)": True,
+        "weights load with declip_hf": True,
+        "weights load without declip_hf (trust_remote_code)": False,
+        f"card snippets (package) run offline as {REPO_ID}": False,
+        f"card snippets (remote-code) run offline as {REPO_ID}": False,
+    }
+    assert "NameError in package" in str(report)
+
+
+def test_layout_check_flags_pickles_and_missing_code(released, tmp_path):
+    out, _, _ = released
+    folder = tmp_path / "folder"
+    shutil.copytree(out, folder)
+    torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    (folder / "region_pooling.py").unlink()
+    (folder / "modeling_declip.py").unlink()
+    check = release.check_layout(folder)
+    assert not check.passed
+    assert "pickle file pytorch_model.bin" in check.detail and "modeling_declip.py missing" in check.detail
+
+
+def test_unmarked_python_block_is_refused():
+    card = "<!-- declip-snippet: package -->\n```python\nprint(1)\n```\n\n```python\nprint(2)\n```\n"
+    with pytest.raises(ValueError, match="1 of the card's 2 python blocks"):
+        release.extract_snippets(card)
+    with pytest.raises(ValueError, match="Unknown snippet kind 'shell'"):
+        release.extract_snippets("<!-- declip-snippet: shell -->\n```python\nprint(1)\n```\n")
+
+
+def test_push_refused_without_token(tiny_run, hub_calls, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(release, "get_token", lambda: None)
+    code = release.main([str(tiny_run), "--repo-id", REPO_ID, "--out", str(tmp_path / "out"), "--push", "--license", "mit"])
+    assert code == 2 and hub_calls == []
+    assert "no Hugging Face token" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_refused_when_validation_fails(tiny_run, hub_calls, capsys, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("release"))
+    config = json.loads((run / "model" / "config.json").read_text())
+    del config["auto_map"]
+    (run / "model" / "config.json").write_text(json.dumps(config))
+    code = release.main([str(run), "--repo-id", REPO_ID, "--push", "--license", "mit"])
+    captured = capsys.readouterr()
+    assert code == 1 and hub_calls == []
+    assert "auto_map lacks AutoModel" in captured.out and "refusing to push, nothing was uploaded" in captured.err
+
+
+def test_push_failure_is_reported_without_claiming_an_upload(monkeypatch, tmp_path):
+    def failing_upload(self, **kwargs):
+        raise ConnectionError("network unreachable")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+    monkeypatch.setattr(HfApi, "upload_folder", failing_upload)
+    with pytest.raises(SystemExit, match="no file of this release was committed"):
+        release.push_release(tmp_path, REPO_ID, private=False, message="m", token="hf_x")
+
+
+def test_release_refuses_unknown_license(tiny_run, tmp_path):
+    with pytest.raises(SystemExit, match="pass --license"):
+        release.main([str(tiny_run), "--repo-id", REPO_ID, "--out", str(tmp_path / "out")])
