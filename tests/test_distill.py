@@ -397,3 +397,27 @@ def test_held_out_batch_is_not_trivial():
     batch = _batch(2, seed=99)
     assert batch["crop_valid"].sum() >= 2
     assert F.normalize(batch["student"].flatten(1), dim=-1).prod(dim=0).sum() < 0.99
+
+
+# ------------------------------------------------------------------------------------------------ shipped configs
+
+
+def test_tiny_config_makes_its_assets_trains_and_saves(tmp_path, monkeypatch):
+    """The README's main command, in-process: configs/tiny.yaml as shipped, from an empty folder."""
+    monkeypatch.chdir(tmp_path)  # the config's relative paths (assets, outputs) land here
+    summary = _run_in_process(["--config", REPO_ROOT / "configs" / "tiny.yaml", "--report_to", "none"])
+    assert summary["finished"] and summary["steps"] == 30
+    assert summary["skipped"]["truncated"] >= 1 and summary["skipped"]["tiny"] >= 1
+    model = DeCLIPVisionModel.from_pretrained(tmp_path / "outputs" / "tiny" / "model")
+    assert model.get_dense_features(torch.randn(1, 3, STUDENT_SIZE, STUDENT_SIZE)).dense_embeds.shape == (1, 24, 16, 16)
+
+
+def test_real_recipe_config_holds_the_reference_hyper_parameters():
+    args = distill.parse_args(["--config", str(REPO_ROOT / "configs" / "declip_vitb16_coco.yaml")])
+    assert (args.student, args.vfm) == ("openai/clip-vit-base-patch16", "facebook/dinov2-base")
+    assert (args.student_size, args.max_split, args.max_crops) == (560, 6, 20)
+    assert (args.content_weight, args.context_weight) == (1.0, 0.1)
+    assert (args.lr, args.lr_scaling, args.weight_decay, args.betas, args.eps) == (1e-5, "linear", 0.1, [0.9, 0.98],
+                                                                                    1e-6)
+    assert (args.warmup_steps, args.epochs, args.max_steps, args.per_device_batch_size) == (1000, 6, None, 2)
+    assert args.ensemble_alpha == 0.7 and args.image_column == "image"

@@ -1,0 +1,210 @@
+"""Speed and memory of one DeCLIP distillation step on the CPU (DeCLIP, CVPR 2025; method notes sections 3-5).
+
+The real recipe's shapes with random weights built from configs (nothing is downloaded): a ViT-B/16 student at
+560 px, 20 teacher crops of 224 px per image, a DINOv2-B VFM at 490 px, batch 2. Each variant runs in its own
+process, so the peak resident memory (ru_maxrss) is that variant's own. The step is the training script's:
+teacher crop embeddings and VFM features without grad, the student's dense features, both losses, backward,
+AdamW. Reported: seconds per step, images/s, peak RSS, and the time split into teacher crops, VFM and the
+student's forward+backward (with the loss and optimizer update).
+
+    python benchmarks/train_step.py               # all variants, a markdown table (about 10 minutes on 2 cores)
+    python benchmarks/train_step.py --tiny        # the same on tiny models, seconds: checks the script itself
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, Dinov2Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training.*` from the repository root
+
+from declip_hf import DeCLIPVisionConfig  # noqa: E402  (registers DeCLIP with AutoModel)
+from declip_hf.modeling_declip import SelfSimilarityAttention  # noqa: E402
+from training.distill import DenseStudent  # noqa: E402
+from training.losses import DeCLIPLoss  # noqa: E402
+from training.optim import build_optimizer, configure_trainable  # noqa: E402
+from training.teachers import FrozenCLIPTeacher, FrozenVFM  # noqa: E402
+
+# (student config, VFM config, student size, teacher size, VFM size, crops per image)
+SHAPES = {
+    "vitb16": (
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
+             image_size=224, projection_dim=512, hidden_act="quick_gelu"),
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14, image_size=518, mlp_ratio=4),
+        560, 224, 490, 20,
+    ),
+    "tiny": (
+        dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
+             image_size=32, projection_dim=24),
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=2, image_size=32, mlp_ratio=2),
+        64, 32, 32, 20,
+    ),
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    attention: str = "sdpa"  # "sdpa" (fused) or "eager" (explicit softmax(QK^T)V everywhere)
+    checkpointing: bool = False
+    autocast_bf16: bool = False  # the student under bf16 autocast (the teachers follow --frozen_dtype)
+    frozen_dtype: str = "float32"
+
+
+VARIANTS = [
+    Variant("fp32"),
+    Variant("fp32 + checkpointing", checkpointing=True),
+    Variant("fp32 eager", attention="eager"),
+    Variant("fp32 eager + checkpointing", attention="eager", checkpointing=True),
+    Variant("fp32, bf16 teachers + checkpointing", checkpointing=True, frozen_dtype="bfloat16"),
+    Variant("bf16 autocast + bf16 teachers + checkpointing", checkpointing=True, autocast_bf16=True,
+            frozen_dtype="bfloat16"),
+]
+
+
+class EagerSelfSimilarityAttention(SelfSimilarityAttention):
+    """DeCLIP's decoupled attention with the weights materialised (the unfused baseline)."""
+
+    @staticmethod
+    def _attend(heads, group, scale):
+        similarity = torch.cat([heads[name] for name in group], dim=-1)  # (B, H, T, d * len(group))
+        weights = torch.softmax(similarity @ similarity.transpose(-1, -2) * (scale / len(group)), dim=-1)
+        return weights @ heads["v"]
+
+
+def build(variant: Variant, shapes):
+    student_kwargs, vfm_kwargs = shapes[0], shapes[1]
+    config = DeCLIPVisionConfig(**student_kwargs, decoupled_attention="qq")
+    student = AutoModel.from_config(config, attn_implementation=variant.attention)
+    if variant.attention == "eager":
+        student.decoupled_path = EagerSelfSimilarityAttention(*student.decoupled_path.similarity_groups)
+    configure_trainable(student)
+    if variant.checkpointing:
+        student.activation_checkpointing_enable()
+    student.train()
+    teacher_model = AutoModel.from_config(config, attn_implementation=variant.attention)
+    teacher_model.load_state_dict(student.state_dict())  # the starting CLIP
+    dtype = getattr(torch, variant.frozen_dtype)
+    teacher = FrozenCLIPTeacher(teacher_model, dtype)
+    vfm = FrozenVFM(AutoModel.from_config(Dinov2Config(**vfm_kwargs), attn_implementation=variant.attention), dtype)
+    optimizer = build_optimizer(student, 1e-5, 0.1, (0.9, 0.98), 1e-6)
+    return DenseStudent(student), teacher, vfm, optimizer
+
+
+def make_batch(shapes, batch_size: int) -> dict[str, torch.Tensor]:
+    """Random views with every crop slot used (the most teacher work a step can have)."""
+    student_size, teacher_size, vfm_size, crops = shapes[2:]
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(batch_size, crops, 2, 2, generator=generator)
+    boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values + 0.05], dim=-1).clamp(max=1.0)
+    return {
+        "student": torch.randn(batch_size, 3, student_size, student_size, generator=generator),
+        "crops": torch.randn(batch_size, crops, 3, teacher_size, teacher_size, generator=generator),
+        "boxes": boxes,
+        "crop_valid": torch.ones(batch_size, crops, dtype=torch.bool),
+        "vfm": torch.randn(batch_size, 3, vfm_size, vfm_size, generator=generator),
+    }
+
+
+def timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast) -> dict[str, float]:
+    """training/distill.py's `training_step` + backward + update, with a clock around each part."""
+    times = {}
+    start = time.perf_counter()
+    with autocast():
+        teacher_embeds = teacher(batch["crops"][batch["crop_valid"]])
+    times["teacher_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with autocast():
+        vfm_map = vfm(batch["vfm"])
+    times["vfm_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with autocast():
+        dense = student(batch["student"])
+    terms = loss_fn(dense.dense_embeds, dense.context_features, batch["boxes"], batch["crop_valid"], teacher_embeds,
+                    vfm_map)
+    terms["total"].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    times["student_s"] = time.perf_counter() - start
+    times["step_s"] = sum(times.values())
+    return times
+
+
+def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int) -> dict:
+    shapes = SHAPES[shape_name]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    student, teacher, vfm, optimizer = build(variant, shapes)
+    batch = make_batch(shapes, batch_size)
+    loss_fn = DeCLIPLoss()
+    if variant.autocast_bf16:
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = nullcontext
+    timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast)  # warm-up: allocator, kernels, Adam state
+    measured = [timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast) for _ in range(steps)]
+    mean = {key: sum(step[key] for step in measured) / steps for key in measured[0]}
+    return {
+        **asdict(variant),
+        **mean,
+        "images_per_s": batch_size / mean["step_s"],
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB -> GiB
+        "rss_after_imports_gib": rss_before,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def table(results: list[dict]) -> str:
+    reference = {result["attention"] + str(result["checkpointing"]): result["step_s"] for result in results
+                 if result["attention"] == "sdpa" and not result["autocast_bf16"] and result["frozen_dtype"] == "float32"}
+    lines = [
+        "| variant | s/step | images/s | peak RSS GiB | teacher crops s | VFM s | student fwd+bwd s | eager/fused time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        fused = reference.get("sdpa" + str(r["checkpointing"]))
+        ratio = f"{r['step_s'] / fused:.2f}x" if r["attention"] == "eager" and fused else ""
+        lines.append(f"| {r['name']} | {r['step_s']:.1f} | {r['images_per_s']:.3f} | {r['peak_rss_gib']:.2f} | "
+                     f"{r['teacher_s']:.1f} | {r['vfm_s']:.1f} | {r['student_s']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="Tiny models instead of ViT-B/16 + DINOv2-B (a smoke test).")
+    parser.add_argument("--steps", type=int, default=2, help="Measured steps per variant (after one warm-up step).")
+    parser.add_argument("--batch_size", type=int, default=2, help="Images per step.")
+    parser.add_argument("--variants", nargs="*", help="Run only these variant names (default: all).")
+    parser.add_argument("--json", help="Also write the results to this JSON file.")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    args = parser.parse_args()
+    shape_name = "tiny" if args.tiny else "vitb16"
+    if args.child:
+        variant = next(v for v in VARIANTS if v.name == args.child)
+        print(json.dumps(run_variant(variant, shape_name, args.steps, args.batch_size)))
+        return
+    results = []
+    for variant in VARIANTS:
+        if args.variants and variant.name not in args.variants:
+            continue
+        command = [sys.executable, __file__, "--child", variant.name, "--steps", str(args.steps),
+                   "--batch_size", str(args.batch_size)] + (["--tiny"] if args.tiny else [])
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+        print(f"{variant.name}: {results[-1]['step_s']:.2f} s/step, {results[-1]['peak_rss_gib']:.2f} GiB", flush=True)
+    print(f"\nbatch {args.batch_size}, {shape_name}, {results[0]['threads']} threads, mean of {args.steps} steps\n")
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
