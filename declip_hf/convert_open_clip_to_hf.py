@@ -1,0 +1,461 @@
+"""Convert OpenAI-architecture open_clip checkpoints (ViT-B/16, ViT-L/14, ViT-L/14-336) into DeCLIP folders.
+
+DeCLIP's reference recipe (CVPR 2025, arXiv 2505.04410) trains with open_clip, so its checkpoints and the CLIPs
+it starts from are open_clip state dicts. This maps such a state dict onto [`DeCLIPVisionModel`] (and, with
+`--with-text`, onto `CLIPTextModelWithProjection`), then writes a folder that loads with `from_pretrained`:
+
+    python -m declip_hf.convert_open_clip_to_hf CHECKPOINT.pt --arch ViT-B-16-quickgelu --out DIR \
+        [--with-text --tokenizer LOCAL_CLIP_TOKENIZER_DIR] [--decoupled-attention qq]
+
+The activation is not stored in the weights. OpenAI's CLIPs (and everything fine-tuned from them, e.g. DeCLIP's
+OpenAI-based checkpoints) use QuickGELU; open_clip's plain `ViT-B-16` config builds nn.GELU. An architecture that
+does not state `quick_gelu` (the `-quickgelu` names do) therefore needs `--hidden-act`.
+"""
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection
+
+from .configuration_declip import DECOUPLED_ATTENTION_MODES, DeCLIPVisionConfig
+from .modeling_declip import DeCLIPVisionModel
+
+# open_clip model configs (open_clip/model_configs/*.json) of the OpenAI-architecture ViTs, with their defaults
+# (head_width 64, mlp_ratio 4) spelled out. `quick_gelu` is present only where the name states it.
+_OPENAI_TEXT = {"context_length": 77, "vocab_size": 49408, "mlp_ratio": 4.0}
+_BASE_ARCHITECTURES = {
+    "ViT-B-16": {
+        "embed_dim": 512,
+        "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
+        "text_cfg": {**_OPENAI_TEXT, "width": 512, "heads": 8, "layers": 12},
+    },
+    "ViT-B-32": {
+        "embed_dim": 512,
+        "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+        "text_cfg": {**_OPENAI_TEXT, "width": 512, "heads": 8, "layers": 12},
+    },
+    "ViT-L-14": {
+        "embed_dim": 768,
+        "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
+        "text_cfg": {**_OPENAI_TEXT, "width": 768, "heads": 12, "layers": 12},
+    },
+    "ViT-L-14-336": {
+        "embed_dim": 768,
+        "vision_cfg": {"image_size": 336, "layers": 24, "width": 1024, "patch_size": 14},
+        "text_cfg": {**_OPENAI_TEXT, "width": 768, "heads": 12, "layers": 12},
+    },
+}
+OPEN_CLIP_ARCHITECTURES = {
+    **_BASE_ARCHITECTURES,
+    **{f"{name}-quickgelu": {**config, "quick_gelu": True} for name, config in _BASE_ARCHITECTURES.items()},
+}
+HIDDEN_ACTS = {True: "quick_gelu", False: "gelu"}
+
+# Key patterns of open_clip (and EVA-CLIP) towers this converter cannot map, with what they are.
+_FOREIGN_ARCHITECTURES = (
+    (r"^visual\.trunk\.", "a timm trunk (open_clip TimmModel: ConvNeXt, EVA02 via timm, ...)"),
+    (r"^visual\.(blocks|patch_embed|pos_embed|cls_token)\b|(^|\.)rope(\.|$)", "an EVA / EVA02-CLIP vision tower"),
+    (r"^visual\.(layer1|attnpool|stem)\b", "a ModifiedResNet (OpenAI RN50-style) vision tower"),
+    (r"^visual\.attn_pool", "an attentional pooler (CoCa)"),
+    (r"\.ls_[12]\.", "LayerScale blocks"),
+    (r"^visual\.head\b", "a timm-style head"),
+)
+_LAYER_RENAMES = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+# Non-persistent in open_clip today, but older checkpoints (OpenAI's own) carry the causal mask; it is rebuilt.
+_IGNORED_TEXT_KEYS = ("attn_mask",)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """What the vision tensors of an OpenAI-architecture open_clip state dict say about the tower."""
+
+    width: int
+    layers: int
+    mlp_width: int
+    patch_size: int
+    image_size: int
+    embed_dim: int
+
+
+@dataclass(frozen=True)
+class TextShape:
+    width: int
+    layers: int
+    mlp_width: int
+    context_length: int
+    vocab_size: int
+    embed_dim: int
+
+
+@dataclass
+class ConvertedCLIP:
+    vision: DeCLIPVisionModel
+    text: CLIPTextModelWithProjection | None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading and recognising the checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_open_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an open_clip checkpoint without unpickling code: a `.safetensors` file, or a `.pt`/`.bin` state dict,
+    bare or under `state_dict` (open_clip's training checkpoints), with DDP's `module.` prefix or not."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        checkpoint = load_file(path)
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - re-raised with the likely cause
+            raise ValueError(
+                f"Could not read {path} as a weights-only state dict ({error}). OpenAI's original .pt files are "
+                "TorchScript archives: load them once with open_clip (or torch.jit.load(...).state_dict()) and "
+                "save the state dict with torch.save."
+            ) from error
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    if not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        raise ValueError(f"{path} holds no state dict: top-level keys are {sorted(checkpoint)[:10]}.")
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    return state_dict
+
+
+def reject_foreign_architecture(state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise, naming what was found, unless the vision tower is open_clip's OpenAI-style ViT."""
+    for pattern, description in _FOREIGN_ARCHITECTURES:
+        found = [key for key in state_dict if re.search(pattern, key)]
+        if found:
+            raise ValueError(
+                f"This checkpoint holds {description} (e.g. {found[0]!r}), not an OpenAI-architecture ViT. "
+                f"Only open_clip's OpenAI-style ViTs convert: {', '.join(_BASE_ARCHITECTURES)}."
+            )
+    if "visual.conv1.weight" not in state_dict or "visual.transformer.resblocks.0.attn.in_proj_weight" not in state_dict:
+        prefixes = sorted({".".join(key.split(".")[:2]) for key in state_dict})
+        raise ValueError(
+            "No OpenAI-style open_clip vision tower (expected visual.conv1.weight and "
+            f"visual.transformer.resblocks.N.attn.in_proj_weight); found key prefixes {prefixes[:12]}."
+        )
+
+
+def _num_layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    indices = {int(match.group(1)) for key in state_dict if (match := re.match(rf"{re.escape(prefix)}(\d+)\.", key))}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_vision_shape(state_dict: dict[str, torch.Tensor]) -> VisionShape:
+    """Read the tower's size from tensor shapes alone (meta tensors suffice)."""
+    width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
+    num_positions = state_dict["visual.positional_embedding"].shape[0]
+    grid = round((num_positions - 1) ** 0.5)
+    if grid * grid != num_positions - 1:
+        raise ValueError(f"visual.positional_embedding has {num_positions} rows: not 1 + a square grid of patches.")
+    return VisionShape(
+        width=width,
+        layers=_num_layers(state_dict, "visual.transformer.resblocks."),
+        mlp_width=state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        patch_size=patch_size,
+        image_size=grid * patch_size,
+        embed_dim=state_dict["visual.proj"].shape[1],
+    )
+
+
+def infer_text_shape(state_dict: dict[str, torch.Tensor]) -> TextShape:
+    if "token_embedding.weight" not in state_dict or "text_projection" not in state_dict:
+        text_keys = sorted(key for key in state_dict if not key.startswith("visual."))[:8]
+        raise ValueError(
+            "No OpenAI-style open_clip text tower (expected token_embedding.weight, transformer.resblocks.N, "
+            f"text_projection); found {text_keys}. Convert without --with-text."
+        )
+    vocab_size, width = state_dict["token_embedding.weight"].shape
+    return TextShape(
+        width=width,
+        layers=_num_layers(state_dict, "transformer.resblocks."),
+        mlp_width=state_dict["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=vocab_size,
+        embed_dim=state_dict["text_projection"].shape[1],
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The architecture the user names, checked against the shapes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_architecture(arch: str) -> dict:
+    """An open_clip model config: a name from `OPEN_CLIP_ARCHITECTURES` or the path of an open_clip JSON config."""
+    if arch in OPEN_CLIP_ARCHITECTURES:
+        return OPEN_CLIP_ARCHITECTURES[arch]
+    if Path(arch).is_file():
+        return json.loads(Path(arch).read_text())
+    raise ValueError(
+        f"Unknown architecture {arch!r}; use one of {', '.join(OPEN_CLIP_ARCHITECTURES)} or the path of an "
+        "open_clip model config JSON."
+    )
+
+
+def resolve_hidden_act(architecture: dict, hidden_act: str | None) -> str:
+    """The activation is not in the state dict: take it from the flag, else from an explicit `quick_gelu`."""
+    stated = HIDDEN_ACTS.get(architecture.get("quick_gelu"))
+    if hidden_act is None and stated is None:
+        raise ValueError(
+            "The activation is not stored in the weights and this architecture does not state it. OpenAI CLIP "
+            "weights and models fine-tuned from them (DeCLIP's OpenAI-based checkpoints included) use QuickGELU: "
+            "pass --hidden-act quick_gelu (or a -quickgelu architecture). Models trained from scratch with open_clip's "
+            "plain config use nn.GELU: pass --hidden-act gelu."
+        )
+    if hidden_act is not None and stated is not None and hidden_act != stated:
+        raise ValueError(f"--hidden-act {hidden_act} contradicts the architecture, which states {stated}.")
+    return hidden_act or stated
+
+
+def expected_vision_shape(architecture: dict) -> VisionShape:
+    vision = architecture["vision_cfg"]
+    return VisionShape(
+        width=vision["width"],
+        layers=vision["layers"],
+        mlp_width=int(vision["width"] * vision.get("mlp_ratio", 4.0)),
+        patch_size=vision["patch_size"],
+        image_size=vision["image_size"],
+        embed_dim=architecture["embed_dim"],
+    )
+
+
+def expected_text_shape(architecture: dict) -> TextShape:
+    text = architecture["text_cfg"]
+    return TextShape(
+        width=text["width"],
+        layers=text["layers"],
+        mlp_width=int(text["width"] * text.get("mlp_ratio", 4.0)),
+        context_length=text.get("context_length", 77),
+        vocab_size=text.get("vocab_size", 49408),
+        embed_dim=architecture["embed_dim"],
+    )
+
+
+def check_shape(found: VisionShape | TextShape, expected: VisionShape | TextShape, tower: str) -> None:
+    differences = [
+        f"{field}: checkpoint {getattr(found, field)}, architecture {getattr(expected, field)}"
+        for field in found.__dataclass_fields__
+        if getattr(found, field) != getattr(expected, field)
+    ]
+    if differences:
+        raise ValueError(f"The {tower} tower does not match the architecture: " + "; ".join(differences) + ".")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Renaming
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _take(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    return state_dict.pop(key).float()
+
+
+def _convert_layers(state_dict: dict[str, torch.Tensor], source: str, target: str, layers: int) -> dict:
+    """open_clip resblocks (fused nn.MultiheadAttention in_proj) -> CLIPEncoderLayers (separate q/k/v)."""
+    converted = {}
+    for index in range(layers):
+        block, layer = f"{source}{index}.", f"{target}{index}."
+        # nn.MultiheadAttention stacks the projections as [q; k; v] along the output dimension.
+        for kind in ("weight", "bias"):
+            for name, part in zip("qkv", _take(state_dict, f"{block}attn.in_proj_{kind}").chunk(3)):
+                converted[f"{layer}self_attn.{name}_proj.{kind}"] = part
+        for old, new in _LAYER_RENAMES.items():
+            for kind in ("weight", "bias"):
+                converted[f"{layer}{new}.{kind}"] = _take(state_dict, f"{block}{old}.{kind}")
+    return converted
+
+
+def convert_vision_weights(state_dict: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """Pops the `visual.*` tensors it maps from `state_dict`; names are DeCLIPVisionModel's in-memory ones."""
+    return {
+        "embeddings.patch_embedding.weight": _take(state_dict, "visual.conv1.weight"),
+        "embeddings.class_embedding": _take(state_dict, "visual.class_embedding"),
+        "embeddings.position_embedding.weight": _take(state_dict, "visual.positional_embedding"),
+        "pre_layrnorm.weight": _take(state_dict, "visual.ln_pre.weight"),
+        "pre_layrnorm.bias": _take(state_dict, "visual.ln_pre.bias"),
+        **_convert_layers(state_dict, "visual.transformer.resblocks.", "encoder.layers.", layers),
+        "post_layernorm.weight": _take(state_dict, "visual.ln_post.weight"),
+        "post_layernorm.bias": _take(state_dict, "visual.ln_post.bias"),
+        # open_clip multiplies x @ proj (C, D); nn.Linear stores (D, C).
+        "visual_projection.weight": _take(state_dict, "visual.proj").T.contiguous(),
+    }
+
+
+def convert_text_weights(state_dict: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """Pops the text tensors it maps; names are CLIPTextModelWithProjection's."""
+    return {
+        "text_model.embeddings.token_embedding.weight": _take(state_dict, "token_embedding.weight"),
+        "text_model.embeddings.position_embedding.weight": _take(state_dict, "positional_embedding"),
+        **_convert_layers(state_dict, "transformer.resblocks.", "text_model.encoder.layers.", layers),
+        "text_model.final_layer_norm.weight": _take(state_dict, "ln_final.weight"),
+        "text_model.final_layer_norm.bias": _take(state_dict, "ln_final.bias"),
+        "text_projection.weight": _take(state_dict, "text_projection").T.contiguous(),
+    }
+
+
+def _refuse_leftovers(state_dict: dict[str, torch.Tensor], with_text: bool) -> None:
+    leftovers = [key for key in state_dict if key.startswith("visual.")]
+    if with_text:
+        leftovers += [key for key in state_dict if not key.startswith("visual.") and key not in _IGNORED_TEXT_KEYS]
+    if leftovers:
+        raise ValueError(
+            f"The checkpoint has tensors an OpenAI-architecture CLIP does not: {leftovers[:8]}"
+            f"{' ...' if len(leftovers) > 8 else ''}. It is a variant this converter does not map."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building the models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def vision_config(shape: VisionShape, architecture: dict, hidden_act: str, decoupled_attention: str) -> DeCLIPVisionConfig:
+    return DeCLIPVisionConfig(
+        hidden_size=shape.width,
+        intermediate_size=shape.mlp_width,
+        num_hidden_layers=shape.layers,
+        # open_clip sizes heads by head_width (64 for every OpenAI ViT), not by a head count.
+        num_attention_heads=shape.width // architecture["vision_cfg"].get("head_width", 64),
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
+        projection_dim=shape.embed_dim,
+        hidden_act=hidden_act,
+        layer_norm_eps=1e-5,  # open_clip's LayerNorm default
+        decoupled_attention=decoupled_attention,
+    )
+
+
+def text_config(shape: TextShape, architecture: dict, hidden_act: str, logit_scale: float, tokenizer=None) -> CLIPTextConfig:
+    # OpenAI's BPE puts <|startoftext|>, <|endoftext|> last; the EOT id must be the largest, as open_clip pools
+    # at argmax(token id) and CLIP's text model at the first eos_token_id.
+    bos_token_id = tokenizer.bos_token_id if tokenizer is not None else shape.vocab_size - 2
+    eos_token_id = tokenizer.eos_token_id if tokenizer is not None else shape.vocab_size - 1
+    return CLIPTextConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.width,
+        intermediate_size=shape.mlp_width,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=architecture["text_cfg"].get("heads", 8),
+        max_position_embeddings=shape.context_length,
+        projection_dim=shape.embed_dim,
+        hidden_act=hidden_act,
+        layer_norm_eps=1e-5,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+        # CLIPTextModelWithProjection has no logit scale; it is kept in the config (log-space, like
+        # CLIPModel.logit_scale) for whoever scores text against images. DeCLIP's protocol uses a fixed scale.
+        logit_scale=logit_scale,
+    )
+
+
+def convert_open_clip_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    architecture: dict,
+    hidden_act: str | None = None,
+    decoupled_attention: str = "qq",
+    with_text: bool = False,
+    tokenizer=None,
+) -> ConvertedCLIP:
+    """Check `state_dict` against `architecture` (an open_clip model config) and map it onto HF modules."""
+    reject_foreign_architecture(state_dict)
+    hidden_act = resolve_hidden_act(architecture, hidden_act)
+    vision_shape = infer_vision_shape(state_dict)
+    check_shape(vision_shape, expected_vision_shape(architecture), "vision")
+    text_shape = infer_text_shape(state_dict) if with_text else None
+    if text_shape is not None:
+        check_shape(text_shape, expected_text_shape(architecture), "text")
+        if tokenizer is not None and len(tokenizer) != text_shape.vocab_size:
+            raise ValueError(f"The tokenizer has {len(tokenizer)} tokens; the text tower expects {text_shape.vocab_size}.")
+
+    remaining = dict(state_dict)
+    vision = DeCLIPVisionModel(vision_config(vision_shape, architecture, hidden_act, decoupled_attention))
+    vision.load_state_dict(convert_vision_weights(remaining, vision_shape.layers), strict=True)
+    text = None
+    if text_shape is not None:
+        logit_scale = float(remaining.pop("logit_scale", torch.tensor(2.6592)))
+        text = CLIPTextModelWithProjection(text_config(text_shape, architecture, hidden_act, logit_scale, tokenizer))
+        text.load_state_dict(convert_text_weights(remaining, text_shape.layers), strict=True)
+    _refuse_leftovers(remaining, with_text)
+    return ConvertedCLIP(vision=vision.eval(), text=text.eval() if text is not None else None)
+
+
+def save_converted(converted: ConvertedCLIP, out: str | Path, tokenizer=None) -> Path:
+    """Write the DeCLIP folder (weights, config with auto_map, model code, image processor), and `text_encoder/`."""
+    out = Path(out)
+    converted.vision.save_pretrained(out)
+    image_size = converted.vision.config.image_size
+    # CLIPImageProcessor's defaults are OpenAI CLIP's: bicubic resize, centre crop, OpenAI mean/std.
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(out)
+    if converted.text is not None:
+        converted.text.save_pretrained(out / "text_encoder")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out / "text_encoder")
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="open_clip checkpoint: .pt/.bin state dict (bare or under 'state_dict') or .safetensors.")
+    parser.add_argument(
+        "--arch", required=True, help=f"open_clip architecture: one of {', '.join(OPEN_CLIP_ARCHITECTURES)}, or an open_clip model config JSON."
+    )
+    parser.add_argument("--out", required=True, help="Folder to write the DeCLIP checkpoint to.")
+    parser.add_argument("--with-text", action="store_true", help="Also convert the text tower into OUT/text_encoder.")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="Local folder of a CLIP tokenizer (e.g. a copy of openai/clip-vit-base-patch16) saved into OUT/text_encoder "
+        "with --with-text. Without it the text tower is written alone.",
+    )
+    parser.add_argument(
+        "--hidden-act",
+        choices=sorted(set(HIDDEN_ACTS.values())),
+        default=None,
+        help="Activation of the towers; required unless the architecture states it (the -quickgelu names do). "
+        "OpenAI weights and their fine-tunes: quick_gelu.",
+    )
+    parser.add_argument(
+        "--decoupled-attention", choices=DECOUPLED_ATTENTION_MODES, default="qq", help="DeCLIP mode stored in the config."
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    architecture = resolve_architecture(args.arch)
+    state_dict = load_open_clip_state_dict(args.checkpoint)
+    if args.tokenizer is not None and not args.with_text:
+        raise SystemExit("--tokenizer only applies with --with-text.")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer is not None else None
+    try:
+        converted = convert_open_clip_state_dict(
+            state_dict, architecture, args.hidden_act, args.decoupled_attention, args.with_text, tokenizer
+        )
+    except ValueError as error:
+        raise SystemExit(f"Conversion failed: {error}") from error
+    out = save_converted(converted, args.out, tokenizer)
+    print(f"Wrote {out} ({converted.vision.config.hidden_act}, decoupled_attention={args.decoupled_attention})")
+    if args.with_text and tokenizer is None:
+        print("No --tokenizer given: text_encoder/ holds the text tower only; add a CLIP tokenizer before using it.")
+    return out
+
+
+if __name__ == "__main__":
+    main()
