@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,17 +47,11 @@ def _batch(num_images: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _run_in_process(argv: list[str]) -> dict:
-    """`main` in this process (much faster than a launch); Accelerate's singletons are reset around it.
-
-    datasets' parquet reader sleeps 5 s whenever an iteration over it ends (a pyarrow thread-shutdown workaround,
-    `datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`), i.e. at every epoch end: shortened here, for speed only.
-    """
+    """`main` in this process (much faster than a launch); Accelerate's singletons are reset around it."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.2)
-            return distill.main([str(arg) for arg in argv])
+        return distill.main([str(arg) for arg in argv])
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
@@ -190,7 +183,9 @@ def single_shard(tmp_path_factory) -> Path:
 
 def _base_argv(clip, dinov2, images, output_dir) -> list:
     return ["--student", clip, "--vfm", dinov2, "--dataset", images, "--student_size", STUDENT_SIZE,
-            "--output_dir", output_dir, "--dataloader_num_workers", 0, "--report_to", "none", "--shuffle_buffer", 4]
+            "--output_dir", output_dir, "--dataloader_num_workers", 0, "--report_to", "none", "--shuffle_buffer", 4,
+            # one parquet shard at a time into the buffer: no 5 s pause of datasets' threaded reader after each pass
+            "--shuffle_input_shards", 1]
 
 
 @pytest.mark.parametrize(
@@ -341,11 +336,13 @@ def uninterrupted_run(tmp_path_factory, tiny_clip_dir, tiny_dinov2_dir, single_s
 def test_resumed_run_continues_exactly(uninterrupted_run, tiny_clip_dir, tiny_dinov2_dir, single_shard, tmp_path):
     run_dir = tmp_path / "interrupted"
     argv = _resume_argv(tiny_clip_dir, tiny_dinov2_dir, single_shard, run_dir)
-    # 12 usable images in batches of 3: 4 updates an epoch, so the stop at 3 is mid-epoch and the rest crosses two
-    # epoch ends. The stop is between two saves: the stop itself must checkpoint.
-    first = _run_in_process(argv + ["--stop_after_steps", 3])
-    assert first["steps"] == 3 and not first["finished"]
-    assert (run_dir / "checkpoints" / "checkpoint-3" / "COMPLETED").exists()
+    # 12 usable images in batches of 3: 4 updates an epoch. Stop at the very end of epoch 0 (the resumed epoch has
+    # nothing left), then in the middle of epoch 1 (between two saves: the stop itself must checkpoint), then finish.
+    first = _run_in_process(argv + ["--stop_after_steps", 4])
+    assert first["steps"] == 4 and not first["finished"]
+    assert (run_dir / "checkpoints" / "checkpoint-4" / "COMPLETED").exists()
+    middle = _run_in_process(argv + ["--stop_after_steps", 6, "--resume_from_checkpoint", "latest"])
+    assert middle["steps"] == 6 and (run_dir / "checkpoints" / "checkpoint-6" / "COMPLETED").exists()
     second = _run_in_process(argv + ["--resume_from_checkpoint", "latest"])
     assert second["steps"] == 10 and second["finished"]
 

@@ -45,6 +45,7 @@ from training.data import (
     make_dataloader,
     open_image_stream,
     shard_for_process,
+    sharding_warning,
 )
 from training.export import save_model
 from training.losses import DeCLIPLoss
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--split", default="train", help="Dataset split.")
     add("--image_column", default="image", help="Column holding the images.")
     add("--shuffle_buffer", type=int, default=1000, help="Size of the streaming shuffle buffer (0: no shuffle).")
+    add("--shuffle_input_shards", type=int, default=10, help="Shards feeding the shuffle buffer at a time: more mix "
+        "better; with several parquet shards, datasets then pauses 5 s after each pass (1 avoids it, for tiny runs).")
     add("--images_per_epoch", type=int, help="Images in one epoch, to size the schedule when --max_steps is not "
         "given and the dataset does not declare its size (e.g. 118287 for COCO train2017).")
     add("--dataloader_num_workers", type=int, default=2, help="Dataloader worker processes per training process.")
@@ -307,8 +310,11 @@ def build_dataset(args: argparse.Namespace, plan: RunPlan, accelerator: Accelera
     """This process's disjoint part of the stream as views. Its loader must NOT go through `accelerator.prepare`:
     the stream is already split per process, and `prepare` would split the batches once more."""
     stream = open_image_stream(args.dataset, args.split, args.image_column, data_files=args.data_files)
+    warning = sharding_warning(stream, accelerator.num_processes, args.dataloader_num_workers)
+    if warning and accelerator.is_main_process:
+        print(warning, file=sys.stderr)
     stream = shard_for_process(stream, accelerator.process_index, accelerator.num_processes, args.seed,
-                               args.shuffle_buffer)
+                               args.shuffle_buffer, args.shuffle_input_shards)
     return ImageViewsDataset(stream, args.image_column, plan.view_config, args.seed, rank=accelerator.process_index)
 
 
@@ -411,6 +417,8 @@ def train(run: Run) -> None:
     """Epochs over the stream until the schedule (or --stop_after_steps) is done; all processes stop together."""
     stop_at = min(run.total_steps, run.args.stop_after_steps or run.total_steps)
     epoch = run.position.epoch
+    # A checkpoint from the very end of an epoch resumes into that epoch with nothing left in it.
+    resumed_epoch = epoch if run.position.batches else None
     while run.progress.step < stop_at:
         if run.position.epoch != epoch:
             run.position.start_epoch(epoch)
@@ -421,7 +429,7 @@ def train(run: Run) -> None:
             run.position.advance(batch)
             if run_one_batch(run, batch, epoch) and run.progress.step >= stop_at:
                 break
-        if run.progress.step == updates_before:
+        if run.progress.step == updates_before and epoch != resumed_epoch:
             raise RuntimeError(f"Epoch {epoch} produced no update: the dataset has fewer usable images than one "
                                f"update needs on every process.")
         epoch += 1
