@@ -296,7 +296,7 @@ def _run_subprocess_checks(folder: Path, repo_id: str, snippets: dict, reference
     checks = [_remote_load_check(results["remote-code"], workdir / "outputs.safetensors", reference)]
     for kind, blocks in snippets.items():
         result = results[kind]
-        detail = f"{len(blocks)} blocks" if result.returncode == 0 else _tail(result.stdout)
+        detail = f"{len(blocks)} block(s)" if result.returncode == 0 else _tail(result.stdout)
         checks.append(Check(f"card snippets ({kind}) run offline as {repo_id}", result.returncode == 0, detail))
     return checks
 

@@ -53,7 +53,7 @@ RESULTS = {
     "benchmarks": {
         "voc21": {"mIoU": 12.34, "aAcc": 45.6, "mAcc": 20.5, "per_class_IoU": {"background": 40.0}, "num_images": 3,
                   "skipped": 0, "settings": {"logit_scale": 80}},
-        "ade20k": {"mIoU": 3.21, "aAcc": 30.1, "mAcc": 5.5, "per_class_IoU": {"wall": 10.0}, "num_images": 2,
+        "coco_object": {"mIoU": 3.21, "aAcc": 30.1, "mAcc": 5.5, "per_class_IoU": {"wall": 10.0}, "num_images": 2,
                    "skipped": 1, "settings": {"logit_scale": 40}},
     },
     "region_classification": {
@@ -151,7 +151,7 @@ def test_card_reads_every_training_argument_and_result(tiny_run):
     assert "(https://huggingface.co/datasets/detection-datasets/coco)" in text
     # The results sit beside the paper's numbers for the same benchmark.
     assert "| voc21 | 12.34 | 45.60 | 20.50 | 3 | 59.7 |" in text
-    assert "| ade20k | 3.21 | 30.10 | 5.50 | 2 | 21.9 |" in text
+    assert "| coco_object | 3.21 | 30.10 | 5.50 | 2 | 36.4 |" in text
     assert "| coco_panoptic | 11.50 | 6.25 | 12.00 | 7.00 | 17 | 65.0 / 38.8 |" in text
     assert all(str(value) in text for value in PAPER_SEGMENTATION_MIOU.values())
     assert "EVA02-CLIP" in text and "arXiv" in text and "2505.04410" in text and "@inproceedings" in text
@@ -167,7 +167,7 @@ def test_card_reads_every_training_argument_and_result(tiny_run):
         for metric in result["metrics"]
     }
     assert reported == {
-        ("voc21", "mIoU"): 12.34, ("ade20k", "mIoU"): 3.21,
+        ("voc21", "mIoU"): 12.34, ("coco_object", "mIoU"): 3.21,
         ("coco_panoptic", "thing mAcc (box)"): 11.5, ("coco_panoptic", "stuff mAcc (box)"): 6.25,
         ("coco_panoptic", "thing mAcc (mask)"): 12.0, ("coco_panoptic", "stuff mAcc (mask)"): 7.0,
     }
