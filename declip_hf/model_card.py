@@ -190,8 +190,17 @@ def _table_value(value) -> str:
     return text.replace("|", "\\|").replace("`", "'")
 
 
+def _rounded(value):
+    """Floats to 6 significant digits, inside dicts and lists too: summaries hold raw loss and time values."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return [_rounded(item) for item in value] if isinstance(value, list) else value
+
+
 def _summary_rows(summary: dict) -> list[tuple[str, str]]:
-    return [(name.replace("_", " "), _table_value(value)) for name, value in summary.items()]
+    return [(name.replace("_", " "), _table_value(_rounded(value))) for name, value in summary.items()]
 
 
 def _describe_architecture(config: dict) -> str:
@@ -199,6 +208,14 @@ def _describe_architecture(config: dict) -> str:
         f"{config['num_hidden_layers']} layers, width {config['hidden_size']}, patch {config['patch_size']}, "
         f"{config['image_size']} px, projection {config['projection_dim']}, `{config['hidden_act']}`"
     )
+
+
+def _processor_size(model_dir: Path) -> str:
+    """The side the saved image processor crops to (the training resolution in distill's runs)."""
+    path = model_dir / "preprocessor_config.json"
+    processor = json.loads(path.read_text()) if path.is_file() else {}
+    side = (processor.get("crop_size") or {}).get("height") or (processor.get("size") or {}).get("shortest_edge")
+    return f"{side} px" if side else "its configured size"
 
 
 def _protocol_text(protocol) -> str | None:
@@ -240,6 +257,7 @@ def build_model_card(
         architecture=_describe_architecture(config),
         patch_size=config["patch_size"],
         training_resolution=f"{student_size} px" if student_size else "the resolution recorded below",
+        processor_size=_processor_size(run.model_dir),
         has_text_encoder=(run.model_dir / "text_encoder" / "config.json").is_file(),
         has_segmentation=has_segmentation_api() and (run.model_dir / "text_encoder" / "config.json").is_file(),
         command=run.command,

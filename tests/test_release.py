@@ -74,7 +74,12 @@ def build_tiny_run(run_dir: Path, tiny_clip_dir: Path) -> Path:
             parameter.add_(0.05 * torch.randn_like(parameter))
     model_dir = run_dir / "model"
     model.save_pretrained(model_dir)
-    CLIPImageProcessor.from_pretrained(tiny_clip_dir).save_pretrained(model_dir)
+    # As training/export.py saves it: the starting checkpoint's processor set to the training resolution.
+    processor = CLIPImageProcessor.from_pretrained(tiny_clip_dir)
+    processor.size = {"shortest_edge": TRAINING_ARGS["student_size"]}
+    processor.crop_size = {"height": TRAINING_ARGS["student_size"], "width": TRAINING_ARGS["student_size"]}
+    processor.declip_note = "DeCLIP was distilled on 64x64 inputs."
+    processor.save_pretrained(model_dir)
     CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir).save_pretrained(model_dir / "text_encoder")
     AutoTokenizer.from_pretrained(tiny_clip_dir).save_pretrained(model_dir / "text_encoder")
     args = {**TRAINING_ARGS, "student": str(tiny_clip_dir)}
@@ -224,16 +229,22 @@ def test_card_snippets_run_unmodified_against_an_offline_hub_cache(released, off
     for kind, code in scripts.items():
         (tmp_path / f"{kind}.py").write_text(code)
         command = [sys.executable, "-c", bootstraps[kind] + f"exec(compile(open('{kind}.py').read(), '{kind}.py', 'exec'))"]
-        processes[kind] = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    outputs = {kind: process.communicate(timeout=300)[0] for kind, process in processes.items()}
+        processes[kind] = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs, errors = {}, {}
     for kind, process in processes.items():
-        assert process.returncode == 0, f"{kind} snippets failed:\n{outputs[kind][-3000:]}"
-    # Tiny model: image 32, patch 4, projection 24; the high-resolution snippet doubles the side.
-    assert "torch.Size([1, 24]) torch.Size([1, 24, 8, 8])" in outputs["package"]
-    assert "torch.Size([1, 24, 16, 16])" in outputs["package"]
-    assert "torch.Size([2, 24])" in outputs["package"]
+        outputs[kind], errors[kind] = process.communicate(timeout=300)
+        assert process.returncode == 0, f"{kind} snippets failed:\n{errors[kind][-3000:]}"
+    # Tiny model: image 32, patch 4, projection 24, hidden 32; processor at the 64 px training resolution.
+    printed = outputs["package"].splitlines()
+    assert printed[:5] == [
+        "torch.Size([1, 24, 16, 16])",  # dense features at the processor's 64 px
+        "torch.Size([1, 24, 16, 16])",  # at twice CLIP's 32 px
+        "[torch.Size([1, 256, 32]), torch.Size([1, 256, 32])]",  # csa: q and k context features
+        "torch.Size([1, 24])",  # CLIP's image embedding at 32 px
+        "torch.Size([2, 24])",  # two boxes
+    ], outputs["package"]
     assert "DeCLIPSegmenter.from_pretrained" in scripts["package"] and "torch.Size([480, 640])" in outputs["package"]
-    assert "torch.Size([1, 24, 8, 8])" in outputs["remote-code"]
+    assert "torch.Size([1, 24, 16, 16])" in outputs["remote-code"]
 
 
 def test_remote_code_snippets_cannot_import_the_package(released, tmp_path):
