@@ -141,7 +141,10 @@ def reject_foreign_architecture(state_dict: dict[str, torch.Tensor]) -> None:
                 f"This checkpoint holds {description} (e.g. {found[0]!r}), not an OpenAI-architecture ViT. "
                 f"Only open_clip's OpenAI-style ViTs convert: {', '.join(_BASE_ARCHITECTURES)}."
             )
-    if "visual.conv1.weight" not in state_dict or "visual.transformer.resblocks.0.attn.in_proj_weight" not in state_dict:
+    if (
+        "visual.conv1.weight" not in state_dict
+        or "visual.transformer.resblocks.0.attn.in_proj_weight" not in state_dict
+    ):
         prefixes = sorted({".".join(key.split(".")[:2]) for key in state_dict})
         raise ValueError(
             "No OpenAI-style open_clip vision tower (expected visual.conv1.weight and "
@@ -323,7 +326,9 @@ def _refuse_leftovers(state_dict: dict[str, torch.Tensor], with_text: bool) -> N
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def vision_config(shape: VisionShape, architecture: dict, hidden_act: str, decoupled_attention: str) -> DeCLIPVisionConfig:
+def vision_config(
+    shape: VisionShape, architecture: dict, hidden_act: str, decoupled_attention: str
+) -> DeCLIPVisionConfig:
     return DeCLIPVisionConfig(
         hidden_size=shape.width,
         intermediate_size=shape.mlp_width,
@@ -339,7 +344,9 @@ def vision_config(shape: VisionShape, architecture: dict, hidden_act: str, decou
     )
 
 
-def text_config(shape: TextShape, architecture: dict, hidden_act: str, logit_scale: float, tokenizer=None) -> CLIPTextConfig:
+def text_config(
+    shape: TextShape, architecture: dict, hidden_act: str, logit_scale: float, tokenizer=None
+) -> CLIPTextConfig:
     # OpenAI's BPE puts <|startoftext|>, <|endoftext|> last; the EOT id must be the largest, as open_clip pools
     # at argmax(token id) and CLIP's text model at the first eos_token_id.
     bos_token_id = tokenizer.bos_token_id if tokenizer is not None else shape.vocab_size - 2
@@ -380,7 +387,9 @@ def convert_open_clip_state_dict(
     if text_shape is not None:
         check_shape(text_shape, expected_text_shape(architecture), "text")
         if tokenizer is not None and len(tokenizer) != text_shape.vocab_size:
-            raise ValueError(f"The tokenizer has {len(tokenizer)} tokens; the text tower expects {text_shape.vocab_size}.")
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens; the text tower expects {text_shape.vocab_size}."
+            )
 
     remaining = dict(state_dict)
     vision = DeCLIPVisionModel(vision_config(vision_shape, architecture, hidden_act, decoupled_attention))
@@ -412,17 +421,21 @@ def save_converted(converted: ConvertedCLIP, out: str | Path, tokenizer=None) ->
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="open_clip checkpoint: .pt/.bin state dict (bare or under 'state_dict') or .safetensors.")
     parser.add_argument(
-        "--arch", required=True, help=f"open_clip architecture: one of {', '.join(OPEN_CLIP_ARCHITECTURES)}, or an open_clip model config JSON."
+        "checkpoint", help="open_clip checkpoint: .pt/.bin state dict (bare or under 'state_dict') or .safetensors."
+    )
+    parser.add_argument(
+        "--arch",
+        required=True,
+        help=f"open_clip architecture: one of {', '.join(OPEN_CLIP_ARCHITECTURES)}, or an open_clip model config JSON.",
     )
     parser.add_argument("--out", required=True, help="Folder to write the DeCLIP checkpoint to.")
     parser.add_argument("--with-text", action="store_true", help="Also convert the text tower into OUT/text_encoder.")
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help="Local folder of a CLIP tokenizer (e.g. a copy of openai/clip-vit-base-patch16) saved into OUT/text_encoder "
-        "with --with-text. Without it the text tower is written alone.",
+        help="Local folder of a CLIP tokenizer (e.g. a copy of openai/clip-vit-base-patch16), saved into "
+        "OUT/text_encoder with --with-text. Without it the text tower is written alone.",
     )
     parser.add_argument(
         "--hidden-act",
@@ -432,7 +445,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "OpenAI weights and their fine-tunes: quick_gelu.",
     )
     parser.add_argument(
-        "--decoupled-attention", choices=DECOUPLED_ATTENTION_MODES, default="qq", help="DeCLIP mode stored in the config."
+        "--decoupled-attention",
+        choices=DECOUPLED_ATTENTION_MODES,
+        default="qq",
+        help="DeCLIP mode stored in the config.",
     )
     return parser.parse_args(argv)
 

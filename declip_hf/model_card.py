@@ -59,7 +59,9 @@ class TrainingRun:
         run_dir = Path(run_dir)
         args_file = run_dir / "training_args.json"
         if not args_file.is_file():
-            raise FileNotFoundError(f"{args_file} is missing: RUN_DIR must be a training run (training/distill.py output).")
+            raise FileNotFoundError(
+                f"{args_file} is missing: RUN_DIR must be a training run (training/distill.py output)."
+            )
         if not (run_dir / "model" / "config.json").is_file():
             raise FileNotFoundError(f"{run_dir / 'model'} holds no saved model (config.json missing).")
         recorded = json.loads(args_file.read_text())
@@ -81,7 +83,9 @@ def hub_id_or_none(value) -> str | None:
 
 
 def default_license(base_model: str | None) -> str | None:
-    return next((lic for prefix, lic in BASE_MODEL_LICENSES.items() if base_model and base_model.startswith(prefix)), None)
+    return next(
+        (lic for prefix, lic in BASE_MODEL_LICENSES.items() if base_model and base_model.startswith(prefix)), None
+    )
 
 
 def has_segmentation_api() -> bool:
@@ -169,7 +173,9 @@ def eval_results(results: dict | None) -> list[EvalResult]:
     return entries
 
 
-def card_data(repo_id: str, license: str, base_model: str | None, datasets: list[str], results: dict | None) -> ModelCardData:
+def card_data(
+    repo_id: str, license: str, base_model: str | None, datasets: list[str], results: dict | None
+) -> ModelCardData:
     extra = {"base_model_relation": "finetune"} if base_model else {}
     return ModelCardData(
         model_name=repo_id.split("/")[-1],

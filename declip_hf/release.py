@@ -165,7 +165,11 @@ def check_card_metadata(folder: Path, expect_results: bool) -> Check:
         return Check("card metadata parses", False, f"{type(error).__name__}: {error}")
     problems = [f"round trip changed {sorted(set(metadata) ^ set(round_trip))}"] if round_trip != metadata else []
     expected = {"library_name": "transformers", "pipeline_tag": PIPELINE_TAG}
-    problems += [f"{key} is {metadata.get(key)!r}, not {value!r}" for key, value in expected.items() if metadata.get(key) != value]
+    problems += [
+        f"{key} is {metadata.get(key)!r}, not {value!r}"
+        for key, value in expected.items()
+        if metadata.get(key) != value
+    ]
     problems += [f"tag {tag!r} missing" for tag in REQUIRED_TAGS if tag not in (metadata.get("tags") or [])]
     problems += ["license missing"] if not metadata.get("license") else []
     problems += ["results given but no model-index"] if expect_results and not card.data.eval_results else []
@@ -174,7 +178,9 @@ def check_card_metadata(folder: Path, expect_results: bool) -> Check:
 
 def check_layout(folder: Path) -> Check:
     """Safetensors only, a config whose auto_map points at code files that are there, an image processor."""
-    problems = [f"pickle file {path.relative_to(folder)}" for path in folder.rglob("*") if path.suffix in PICKLE_SUFFIXES]
+    problems = [
+        f"pickle file {path.relative_to(folder)}" for path in folder.rglob("*") if path.suffix in PICKLE_SUFFIXES
+    ]
     if not list(folder.glob("*.safetensors")):
         problems.append("no .safetensors weights")
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
@@ -185,7 +191,9 @@ def check_layout(folder: Path) -> Check:
     problems += ["preprocessor_config.json missing"] if not (folder / "preprocessor_config.json").is_file() else []
     if (folder / "text_encoder").is_dir() and not list((folder / "text_encoder").glob("*.safetensors")):
         problems.append("text_encoder/ has no .safetensors weights")
-    return Check("folder layout (safetensors, auto_map code, image processor, no pickles)", not problems, "; ".join(problems))
+    return Check(
+        "folder layout (safetensors, auto_map code, image processor, no pickles)", not problems, "; ".join(problems)
+    )
 
 
 def _loading_problems(info: dict) -> dict:
@@ -199,7 +207,9 @@ def check_loads_with_package(folder: Path) -> tuple[Check, dict[str, torch.Tenso
         model, info = DeCLIPVisionModel.from_pretrained(folder, output_loading_info=True)
         problems = _loading_problems(info)
         if (folder / "text_encoder").is_dir():
-            _, text_info = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", output_loading_info=True)
+            _, text_info = CLIPTextModelWithProjection.from_pretrained(
+                folder / "text_encoder", output_loading_info=True
+            )
             AutoTokenizer.from_pretrained(folder / "text_encoder")
             problems |= {f"text_encoder {name}": value for name, value in _loading_problems(text_info).items()}
     except Exception as error:  # noqa: BLE001
@@ -276,7 +286,9 @@ def snippet_environment(folder: Path, repo_id: str, workdir: Path) -> dict[str, 
     return env | {"HF_MODULES_CACHE": str(workdir / "modules"), "PYTHONPATH": python_path}
 
 
-def run_snippet_scripts(scripts: dict[str, str], env: dict[str, str], workdir: Path) -> dict[str, subprocess.CompletedProcess]:
+def run_snippet_scripts(
+    scripts: dict[str, str], env: dict[str, str], workdir: Path
+) -> dict[str, subprocess.CompletedProcess]:
     """Run one script per snippet kind, each after its kind's preamble, in `workdir`."""
     jobs = {}
     for kind, code in scripts.items():
@@ -311,7 +323,11 @@ def commit_message(run: TrainingRun) -> str:
     student = hub_id_or_none(args.get("student")) or Path(str(args.get("student", "CLIP"))).name
     details = ", ".join(
         part
-        for part in (f"student {student}", f"VFM {args['vfm']}" if "vfm" in args else "", f"{steps} steps" if steps else "")
+        for part in (
+            f"student {student}",
+            f"VFM {args['vfm']}" if "vfm" in args else "",
+            f"{steps} steps" if steps else "",
+        )
         if part
     )
     return f"Release DeCLIP run {run.name}: {details}"
@@ -325,25 +341,56 @@ def push_release(folder: Path, repo_id: str, private: bool, message: str, token:
         return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder, commit_message=message)
     except Exception as error:  # noqa: BLE001 - every failure gets the same clear message
         raise SystemExit(
-            f"Push to {repo_id} failed ({type(error).__name__}: {error}). The upload is a single commit, so no file of "
-            "this release was committed (the repository itself may have been created). Fix the cause and rerun with --push."
+            f"Push to {repo_id} failed ({type(error).__name__}: {error}). The upload is a single commit, so no "
+            "file of this release was committed (the repository itself may have been created). Fix the cause and "
+            "rerun with --push."
         ) from error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", type=Path, help="Training run directory (training/distill.py output: model/, training_args.json).")
-    parser.add_argument("--repo-id", required=True, help="Hub repository to release to, as org/name; the card's snippets use it.")
     parser.add_argument(
-        "--results", type=Path, default=None, help="declip_hf.evaluate results JSON (default: RUN_DIR/eval_results.json if present)."
+        "run_dir", type=Path, help="Training run directory (training/distill.py output: model/, training_args.json)."
     )
-    parser.add_argument("--out", type=Path, default=None, help="Folder to assemble the release in (default: RUN_DIR/release).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out (RUN_DIR/release is always replaced).")
-    parser.add_argument("--push", action="store_true", help="Upload the validated folder as one commit (needs a Hub token).")
-    parser.add_argument("--private", action="store_true", help="Create the repository private (an existing repository keeps its visibility).")
-    parser.add_argument("--license", default=None, help="Licence of the release; defaults to the base model's when known (OpenAI/LAION CLIP: mit).")
-    parser.add_argument("--base-model", default=None, help="Hub id of the starting CLIP (default: the run's student when it is a Hub id).")
-    parser.add_argument("--dataset", action="append", default=None, help="Hub id of a training dataset (repeatable; default: the run's dataset when it is a Hub id).")
+    parser.add_argument(
+        "--repo-id", required=True, help="Hub repository to release to, as org/name; the card's snippets use it."
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="declip_hf.evaluate results JSON (default: RUN_DIR/eval_results.json if present).",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="Folder to assemble the release in (default: RUN_DIR/release)."
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace a non-empty --out (RUN_DIR/release is always replaced)."
+    )
+    parser.add_argument(
+        "--push", action="store_true", help="Upload the validated folder as one commit (needs a Hub token)."
+    )
+    parser.add_argument(
+        "--private",
+        action="store_true",
+        help="Create the repository private (an existing repository keeps its visibility).",
+    )
+    parser.add_argument(
+        "--license",
+        default=None,
+        help="Licence of the release; defaults to the base model's when known (OpenAI/LAION CLIP: mit).",
+    )
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="Hub id of the starting CLIP (default: the run's student when it is a Hub id).",
+    )
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help="Hub id of a training dataset (repeatable; default: the run's dataset when it is a Hub id).",
+    )
     return parser.parse_args(argv)
 
 
@@ -351,7 +398,9 @@ def _build_card(run: TrainingRun, args, results: dict | None) -> ModelCard:
     base_model = args.base_model or hub_id_or_none(run.args.get("student"))
     license = args.license or default_license(base_model)
     if license is None:
-        raise SystemExit("The licence of the starting checkpoint is unknown: pass --license (e.g. mit, apache-2.0, other).")
+        raise SystemExit(
+            "The licence of the starting checkpoint is unknown: pass --license (e.g. mit, apache-2.0, other)."
+        )
     return build_model_card(run, args.repo_id, license, args.base_model, args.dataset, results)
 
 
@@ -365,14 +414,19 @@ def main(argv=None) -> int:
     default_results = args.run_dir / "eval_results.json"
     results = load_results(args.results or (default_results if default_results.is_file() else None))
     card = _build_card(run, args, results)
-    out = prepare_out_dir(args.out or args.run_dir / "release", args.run_dir, replace=args.overwrite or args.out is None)
+    out = prepare_out_dir(
+        args.out or args.run_dir / "release", args.run_dir, replace=args.overwrite or args.out is None
+    )
     left_out = assemble_release(run.model_dir, out, card)
     if left_out:
         print(f"Left out pickle files (only safetensors are released): {left_out}")
     report = validate_release(out, args.repo_id, expect_results=results is not None)
     print(f"Release folder {out}:\n{report}")
     if not report.passed:
-        print("Validation failed: " + ("refusing to push, nothing was uploaded." if args.push else "fix the above."), file=sys.stderr)
+        print(
+            "Validation failed: " + ("refusing to push, nothing was uploaded." if args.push else "fix the above."),
+            file=sys.stderr,
+        )
         return 1
     if args.push:
         commit = push_release(out, args.repo_id, args.private, commit_message(run), token)

@@ -91,11 +91,22 @@ def test_converted_checkpoint_matches_open_clip(quick_gelu, tmp_path):
     (tmp_path / "arch.json").write_text(json.dumps(architecture))
     TOKENIZER.save_pretrained(tmp_path / "tokenizer")
     out = tmp_path / "converted"
-    main([
-        str(tmp_path / "epoch_1.pt"), "--arch", str(tmp_path / "arch.json"), "--out", str(out), "--with-text",
-        "--tokenizer", str(tmp_path / "tokenizer"), "--decoupled-attention", "csa",
-        "--hidden-act", "quick_gelu" if quick_gelu else "gelu",
-    ])
+    main(
+        [
+            str(tmp_path / "epoch_1.pt"),
+            "--arch",
+            str(tmp_path / "arch.json"),
+            "--out",
+            str(out),
+            "--with-text",
+            "--tokenizer",
+            str(tmp_path / "tokenizer"),
+            "--decoupled-attention",
+            "csa",
+            "--hidden-act",
+            "quick_gelu" if quick_gelu else "gelu",
+        ]
+    )
     vision = DeCLIPVisionModel.from_pretrained(out).eval()
     text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "text_encoder")
@@ -103,7 +114,9 @@ def test_converted_checkpoint_matches_open_clip(quick_gelu, tmp_path):
 
     pixel_values = torch.randn(2, 3, 32, 32)
     captured = {}
-    handle = model.visual.transformer.register_forward_hook(lambda module, inputs, output: captured.setdefault("tokens", output))
+    handle = model.visual.transformer.register_forward_hook(
+        lambda module, inputs, output: captured.setdefault("tokens", output)
+    )
     with torch.no_grad():
         open_clip_embeds = model.encode_image(pixel_values)
         handle.remove()
@@ -115,7 +128,9 @@ def test_converted_checkpoint_matches_open_clip(quick_gelu, tmp_path):
         reference = declip_dense_reference(model, pixel_values).transpose(1, 2).unflatten(-1, (8, 8))
         torch.testing.assert_close(dense, reference, atol=1e-5, rtol=0)
 
-        ids = tokenizer(["a cat", "two dogs on the grass"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ids = tokenizer(
+            ["a cat", "two dogs on the grass"], padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
         torch.testing.assert_close(text(input_ids=ids).text_embeds, model.encode_text(ids), atol=1e-5, rtol=0)
     assert text.config.logit_scale == pytest.approx(model.logit_scale.item())
 
@@ -159,14 +174,22 @@ def test_shape_inference_for_openai_architectures(name):
         assert expected_vision_shape(OPEN_CLIP_ARCHITECTURES[arch]) == vision_shape
         assert expected_text_shape(OPEN_CLIP_ARCHITECTURES[arch]) == text_shape
     config = vision_config(vision_shape, OPEN_CLIP_ARCHITECTURES[f"{name}-quickgelu"], "quick_gelu", "qq")
-    assert (config.num_attention_heads, config.intermediate_size, config.image_size) == (heads, vision_shape.mlp_width, vision_shape.image_size)
+    assert (config.num_attention_heads, config.intermediate_size, config.image_size) == (
+        heads,
+        vision_shape.mlp_width,
+        vision_shape.image_size,
+    )
 
 
 def test_wrong_architecture_names_the_differences():
     state_dict = meta_state_dict("ViT-L-14-336-quickgelu")
     with pytest.raises(ValueError, match=r"image_size: checkpoint 336, architecture 224"):
-        check_shape(infer_vision_shape(state_dict), expected_vision_shape(OPEN_CLIP_ARCHITECTURES["ViT-L-14"]), "vision")
-    with pytest.raises(ValueError, match=r"width: checkpoint 1024, architecture 768.*patch_size: checkpoint 14, architecture 16"):
+        check_shape(
+            infer_vision_shape(state_dict), expected_vision_shape(OPEN_CLIP_ARCHITECTURES["ViT-L-14"]), "vision"
+        )
+    with pytest.raises(
+        ValueError, match=r"width: checkpoint 1024, architecture 768.*patch_size: checkpoint 14, architecture 16"
+    ):
         convert_open_clip_state_dict(state_dict, OPEN_CLIP_ARCHITECTURES["ViT-B-16-quickgelu"])
 
 
@@ -192,7 +215,13 @@ EVA_CLIP_KEYS = {  # the EVA-CLIP repository's layout (DeCLIP's EVA02 checkpoint
     [
         ({key: torch.zeros(shape) for key, shape in EVA_CLIP_KEYS.items()}, "an EVA / EVA02-CLIP vision tower"),
         ({"visual.trunk.blocks.0.attn.qkv.weight": torch.zeros(96, 32)}, "a timm trunk"),
-        ({"visual.layer1.0.conv1.weight": torch.zeros(8, 8, 1, 1), "visual.attnpool.c_proj.weight": torch.zeros(8, 8)}, "a ModifiedResNet"),
+        (
+            {
+                "visual.layer1.0.conv1.weight": torch.zeros(8, 8, 1, 1),
+                "visual.attnpool.c_proj.weight": torch.zeros(8, 8),
+            },
+            "a ModifiedResNet",
+        ),
         ({"transformer.resblocks.0.ln_1.weight": torch.zeros(8)}, "No OpenAI-style open_clip vision tower"),
     ],
     ids=["eva-clip", "timm-trunk", "modified-resnet", "text-only"],
@@ -206,7 +235,10 @@ def test_other_architectures_are_refused_by_name(state_dict, found, tmp_path, ca
 
 @pytest.mark.parametrize(
     "name, found",
-    [("RN50", r"a ModifiedResNet .* \(e\.g\. 'visual\.layer1\."), ("EVA02-B-16", r"a timm trunk .* \(e\.g\. 'visual\.trunk\.")],
+    [
+        ("RN50", r"a ModifiedResNet .* \(e\.g\. 'visual\.layer1\."),
+        ("EVA02-B-16", r"a timm trunk .* \(e\.g\. 'visual\.trunk\."),
+    ],
 )
 def test_open_clip_resnet_and_eva_models_are_refused(name, found):
     """open_clip's own RN50 and EVA02 (timm trunk) state dicts, built on the meta device."""
@@ -217,7 +249,10 @@ def test_open_clip_resnet_and_eva_models_are_refused(name, found):
 def test_unmapped_tensors_are_refused():
     state_dict = random_open_clip(small_architecture(True)).state_dict()
     state_dict["visual.transformer.resblocks.1.attn.head_scale"] = torch.ones(4, 1, 1)
-    with pytest.raises(ValueError, match=r"tensors an OpenAI-architecture CLIP does not: \['visual\.transformer\.resblocks\.1\.attn\.head_scale'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"CLIP does not: \['visual\.transformer\.resblocks\.1\.attn\.head_scale'\]",
+    ):
         convert_open_clip_state_dict(state_dict, small_architecture(True))
 
 
@@ -226,5 +261,7 @@ def test_tokenizer_must_match_the_text_tower():
     state_dict = random_open_clip(architecture).state_dict()
     state_dict["token_embedding.weight"] = state_dict["token_embedding.weight"][:-3]
     architecture["text_cfg"]["vocab_size"] -= 3
-    with pytest.raises(ValueError, match=f"tokenizer has {len(TOKENIZER)} tokens; the text tower expects {len(TOKENIZER) - 3}"):
+    with pytest.raises(
+        ValueError, match=f"tokenizer has {len(TOKENIZER)} tokens; the text tower expects {len(TOKENIZER) - 3}"
+    ):
         convert_open_clip_state_dict(state_dict, architecture, with_text=True, tokenizer=TOKENIZER)

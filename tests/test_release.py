@@ -51,14 +51,31 @@ RESULTS = {
     "model": "run/model",
     "protocol": "DeCLIP paper settings (short side 448, sliding window 336, stride 112)",
     "benchmarks": {
-        "voc21": {"mIoU": 12.34, "aAcc": 45.6, "mAcc": 20.5, "per_class_IoU": {"background": 40.0}, "num_images": 3,
-                  "skipped": 0, "settings": {"logit_scale": 80}},
-        "coco_object": {"mIoU": 3.21, "aAcc": 30.1, "mAcc": 5.5, "per_class_IoU": {"wall": 10.0}, "num_images": 2,
-                   "skipped": 1, "settings": {"logit_scale": 40}},
+        "voc21": {
+            "mIoU": 12.34,
+            "aAcc": 45.6,
+            "mAcc": 20.5,
+            "per_class_IoU": {"background": 40.0},
+            "num_images": 3,
+            "skipped": 0,
+            "settings": {"logit_scale": 80},
+        },
+        "coco_object": {
+            "mIoU": 3.21,
+            "aAcc": 30.1,
+            "mAcc": 5.5,
+            "per_class_IoU": {"wall": 10.0},
+            "num_images": 2,
+            "skipped": 1,
+            "settings": {"logit_scale": 40},
+        },
     },
     "region_classification": {
-        "coco_panoptic": {"box": {"thing_mAcc": 11.5, "stuff_mAcc": 6.25}, "mask": {"thing_mAcc": 12.0, "stuff_mAcc": 7.0},
-                          "num_regions": 17},
+        "coco_panoptic": {
+            "box": {"thing_mAcc": 11.5, "stuff_mAcc": 6.25},
+            "mask": {"thing_mAcc": 12.0, "stuff_mAcc": 7.0},
+            "num_regions": 17,
+        },
     },
 }
 
@@ -84,10 +101,16 @@ def build_tiny_run(run_dir: Path, tiny_clip_dir: Path) -> Path:
     AutoTokenizer.from_pretrained(tiny_clip_dir).save_pretrained(model_dir / "text_encoder")
     args = {**TRAINING_ARGS, "student": str(tiny_clip_dir)}
     recorded = {
-        "command": "accelerate launch training/distill.py " + " ".join(f"--{name} {value}" for name, value in args.items()),
+        "command": "accelerate launch training/distill.py "
+        + " ".join(f"--{name} {value}" for name, value in args.items()),
         "args": args,
-        "summary": {"steps": 3, "images_seen": 6, "skipped": 1, "final_losses": {"content": 0.41, "context": 0.93},
-                    "elapsed_s": 4.2},
+        "summary": {
+            "steps": 3,
+            "images_seen": 6,
+            "skipped": 1,
+            "final_losses": {"content": 0.41, "context": 0.93},
+            "elapsed_s": 4.2,
+        },
         "versions": {"torch": torch.__version__, "transformers": "5.24.0"},
     }
     (run_dir / "training_args.json").write_text(json.dumps(recorded, indent=2))
@@ -113,7 +136,9 @@ def intercept_hub(monkeypatch) -> list:
         calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": files}))
         return CommitInfo(
             commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{'a' * 40}",
-            commit_message=kwargs["commit_message"], commit_description="", oid="a" * 40,
+            commit_message=kwargs["commit_message"],
+            commit_description="",
+            oid="a" * 40,
         )
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -172,9 +197,12 @@ def test_card_reads_every_training_argument_and_result(tiny_run):
         for metric in result["metrics"]
     }
     assert reported == {
-        ("voc21", "mIoU"): 12.34, ("coco_object", "mIoU"): 3.21,
-        ("coco_panoptic", "thing mAcc (box)"): 11.5, ("coco_panoptic", "stuff mAcc (box)"): 6.25,
-        ("coco_panoptic", "thing mAcc (mask)"): 12.0, ("coco_panoptic", "stuff mAcc (mask)"): 7.0,
+        ("voc21", "mIoU"): 12.34,
+        ("coco_object", "mIoU"): 3.21,
+        ("coco_panoptic", "thing mAcc (box)"): 11.5,
+        ("coco_panoptic", "stuff mAcc (box)"): 6.25,
+        ("coco_panoptic", "thing mAcc (mask)"): 12.0,
+        ("coco_panoptic", "stuff mAcc (mask)"): 7.0,
     }
 
 
@@ -196,8 +224,16 @@ def test_release_folder_and_push_payload(released, tiny_run):
     model_dir = tiny_run / "model"
     saved = [str(path.relative_to(model_dir)) for path in model_dir.rglob("*") if path.is_file()]
     assert upload["files"] == sorted(saved + ["README.md"])
-    assert {"config.json", "model.safetensors", "modeling_declip.py", "configuration_declip.py", "region_pooling.py",
-            "preprocessor_config.json", "text_encoder/model.safetensors", "text_encoder/tokenizer_config.json"} <= set(saved)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_declip.py",
+        "configuration_declip.py",
+        "region_pooling.py",
+        "preprocessor_config.json",
+        "text_encoder/model.safetensors",
+        "text_encoder/tokenizer_config.json",
+    } <= set(saved)
     assert upload["commit_message"].startswith(f"Release DeCLIP run {tiny_run.name}: ")
     assert "facebook/dinov2-base" in upload["commit_message"] and "3 steps" in upload["commit_message"]
     assert f"revision {'a' * 40}" in printed
@@ -228,8 +264,14 @@ def test_card_snippets_run_unmodified_against_an_offline_hub_cache(released, off
     processes = {}
     for kind, code in scripts.items():
         (tmp_path / f"{kind}.py").write_text(code)
-        command = [sys.executable, "-c", bootstraps[kind] + f"exec(compile(open('{kind}.py').read(), '{kind}.py', 'exec'))"]
-        processes[kind] = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        command = [
+            sys.executable,
+            "-c",
+            bootstraps[kind] + f"exec(compile(open('{kind}.py').read(), '{kind}.py', 'exec'))",
+        ]
+        processes[kind] = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     outputs, errors = {}, {}
     for kind, process in processes.items():
         outputs[kind], errors[kind] = process.communicate(timeout=300)
@@ -299,7 +341,9 @@ def test_unmarked_python_block_is_refused():
 
 def test_push_refused_without_token(tiny_run, hub_calls, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(release, "get_token", lambda: None)
-    code = release.main([str(tiny_run), "--repo-id", REPO_ID, "--out", str(tmp_path / "out"), "--push", "--license", "mit"])
+    code = release.main(
+        [str(tiny_run), "--repo-id", REPO_ID, "--out", str(tmp_path / "out"), "--push", "--license", "mit"]
+    )
     assert code == 2 and hub_calls == []
     assert "no Hugging Face token" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
