@@ -455,12 +455,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    architecture = resolve_architecture(args.arch)
-    state_dict = load_open_clip_state_dict(args.checkpoint)
     if args.tokenizer is not None and not args.with_text:
         raise SystemExit("--tokenizer only applies with --with-text.")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer is not None else None
     try:
+        architecture = resolve_architecture(args.arch)
+        state_dict = load_open_clip_state_dict(args.checkpoint)
         converted = convert_open_clip_state_dict(
             state_dict, architecture, args.hidden_act, args.decoupled_attention, args.with_text, tokenizer
         )
