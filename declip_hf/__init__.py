@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration_declip import DECOUPLED_ATTENTION_MODES, TRAINABLE_ATTENTION_MODES, DeCLIPVisionConfig
 from .modeling_declip import DeCLIPDenseOutput, DeCLIPVisionModel
 from .region_pooling import pool_boxes, pool_masks
+from .segmentation import ClassEmbeddings, DeCLIPSegmentationOutput, DeCLIPSegmenter
 
 __version__ = "0.1.0"
 
@@ -17,7 +18,10 @@ DeCLIPVisionModel.register_for_auto_class("AutoModel")
 __all__ = [
     "DECOUPLED_ATTENTION_MODES",
     "TRAINABLE_ATTENTION_MODES",
+    "ClassEmbeddings",
     "DeCLIPDenseOutput",
+    "DeCLIPSegmentationOutput",
+    "DeCLIPSegmenter",
     "DeCLIPVisionConfig",
     "DeCLIPVisionModel",
     "pool_boxes",
