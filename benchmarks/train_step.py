@@ -162,6 +162,18 @@ def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int) 
     }
 
 
+def sgemm_gflops(seconds: float = 2.0) -> float:
+    """The machine's fp32 matrix-multiply rate right now (the MLP shape of the student), to read the step times
+    against: on a shared machine it moves with the load."""
+    inputs, weight = torch.randn(2452, 768), torch.randn(3072, 768)
+    inputs @ weight.T
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        inputs @ weight.T
+        count += 1
+    return 2 * 2452 * 768 * 3072 * count / (time.perf_counter() - start) / 1e9
+
+
 def table(results: list[dict]) -> str:
     reference = {result["attention"] + str(result["checkpointing"]): result["step_s"] for result in results
                  if result["attention"] == "sdpa" and not result["autocast_bf16"] and result["frozen_dtype"] == "float32"}
@@ -191,7 +203,7 @@ def main() -> None:
         variant = next(v for v in VARIANTS if v.name == args.child)
         print(json.dumps(run_variant(variant, shape_name, args.steps, args.batch_size)))
         return
-    results = []
+    results, gflops_before = [], sgemm_gflops()
     for variant in VARIANTS:
         if args.variants and variant.name not in args.variants:
             continue
@@ -200,7 +212,8 @@ def main() -> None:
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
         print(f"{variant.name}: {results[-1]['step_s']:.2f} s/step, {results[-1]['peak_rss_gib']:.2f} GiB", flush=True)
-    print(f"\nbatch {args.batch_size}, {shape_name}, {results[0]['threads']} threads, mean of {args.steps} steps\n")
+    print(f"\nbatch {args.batch_size}, {shape_name}, {results[0]['threads']} threads, mean of {args.steps} steps; "
+          f"fp32 matmul rate {gflops_before:.0f} GFLOP/s before, {sgemm_gflops():.0f} GFLOP/s after\n")
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

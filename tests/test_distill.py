@@ -403,7 +403,7 @@ def test_tiny_config_makes_its_assets_trains_and_saves(tmp_path, monkeypatch):
     """The README's main command, in-process: configs/tiny.yaml as shipped, from an empty folder."""
     monkeypatch.chdir(tmp_path)  # the config's relative paths (assets, outputs) land here
     summary = _run_in_process(["--config", REPO_ROOT / "configs" / "tiny.yaml", "--report_to", "none"])
-    assert summary["finished"] and summary["steps"] == 30
+    assert summary["finished"] and summary["steps"] == 60
     assert summary["skipped"]["truncated"] >= 1 and summary["skipped"]["tiny"] >= 1
     model = DeCLIPVisionModel.from_pretrained(tmp_path / "outputs" / "tiny" / "model")
     assert model.get_dense_features(torch.randn(1, 3, STUDENT_SIZE, STUDENT_SIZE)).dense_embeds.shape == (1, 24, 16, 16)

@@ -390,7 +390,8 @@ def setup_run(args: argparse.Namespace, plan: RunPlan) -> Run:
     total_batch = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     total_steps = total_update_steps(args.max_steps, args.epochs, plan.images_per_epoch, total_batch)
     lr = scaled_learning_rate(args.lr, total_batch, args.lr_scaling)
-    optimizer = build_optimizer(student, lr, args.weight_decay, args.betas, args.eps)
+    optimizer = build_optimizer(student, lr, args.weight_decay, args.betas, args.eps,
+                                accelerator.device.type)
     scheduler = build_scheduler(optimizer, args.warmup_steps, total_steps, accelerator.num_processes)
     prepared, optimizer, scheduler = accelerator.prepare(DenseStudent(student), optimizer, scheduler)
     dataset = build_dataset(args, plan, accelerator)

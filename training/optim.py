@@ -62,8 +62,15 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float):
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+# Devices with torch's fused AdamW kernel: one kernel per step instead of `foreach` ops whose temporaries are as
+# large as the trainable weights (hundreds of MB for ViT-B), so faster and with a lower peak memory.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+                    device_type: str = "cpu"):
+    fused = device_type in FUSED_ADAMW_DEVICES
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
 
 def build_scheduler(optimizer, warmup_steps: int, total_steps: int, num_processes: int):
