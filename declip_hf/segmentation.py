@@ -60,12 +60,14 @@ class ClassEmbeddings(ModelOutput):
 
     def max_over_names(self, name_scores: torch.Tensor, dim: int) -> torch.Tensor:
         """Per-class scores from per-name scores along `dim`: a class with several names scores their max."""
-        name_to_class = self.name_to_class.to(name_scores.device)
-        per_class = [
-            name_scores.index_select(dim, torch.nonzero(name_to_class == index).flatten()).amax(dim=dim)
-            for index in range(self.num_classes)
-        ]
-        return torch.stack(per_class, dim=dim)
+        num_classes = self.num_classes  # name_to_class lives on the CPU: no device sync
+        scores = name_scores.movedim(dim, 0)
+        # One scatter for all classes (no per-class host sync); every class has at least one name, so
+        # `include_self=False` leaves no slot at its zero initial value.
+        index = self.name_to_class.to(scores.device).view(-1, *([1] * (scores.ndim - 1))).expand_as(scores)
+        per_class = scores.new_zeros((num_classes, *scores.shape[1:]))
+        per_class = per_class.scatter_reduce(0, index, scores, reduce="amax", include_self=False)
+        return per_class.movedim(0, dim)
 
 
 @dataclass
@@ -339,7 +341,8 @@ class DeCLIPSegmenter(nn.Module):
         classes = class_names if isinstance(class_names, ClassEmbeddings) else self.encode_classes(class_names)
         name_embeds = classes.name_embeds.to(self.device)
         tensors = [image_to_tensor(image) for image in images]
-        label_maps, probabilities = [None] * len(tensors), [None] * len(tensors)
+        label_maps = [None] * len(tensors)
+        probabilities = [None] * len(tensors) if return_probabilities else None
         for indices, resized in self._batches_of_equal_size(tensors, shorter_side, max_longer_side):
             averaged = slide_inference(
                 resized, lambda crops: self.window_logits(crops, name_embeds), window, stride,
@@ -348,10 +351,9 @@ class DeCLIPSegmenter(nn.Module):
             for index, cosine in zip(indices, averaged):
                 class_probs = self._class_probabilities(cosine, tensors[index].shape[-2:], classes, logit_scale)
                 label_maps[index] = _threshold_labels(class_probs, background_threshold)
-                probabilities[index] = class_probs if return_probabilities else None
-        return DeCLIPSegmentationOutput(
-            label_maps=label_maps, probabilities=probabilities if return_probabilities else None
-        )
+                if probabilities is not None:
+                    probabilities[index] = class_probs.cpu()  # on the CPU, like the label maps
+        return DeCLIPSegmentationOutput(label_maps=label_maps, probabilities=probabilities)
 
     def _batches_of_equal_size(self, tensors: list[torch.Tensor], shorter_side: int, max_longer_side: int):
         """Yield (indices, normalised resized batch (B, 3, h, w)) per group of images with the same size."""

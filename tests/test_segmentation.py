@@ -205,6 +205,28 @@ def test_multi_name_max_and_background_threshold():
     assert no_threshold.label_maps[0][0].tolist() == [0, 1, 1, 1, 1]
 
 
+def test_max_over_names_along_any_dim_with_interleaved_names():
+    # Names of a class need not be adjacent: classes 0, 2, 0, 1, 2.
+    classes = ClassEmbeddings(name_embeds=torch.zeros(5, 4), name_to_class=torch.tensor([0, 2, 0, 1, 2]))
+    scores = torch.randn(3, 5, 2)  # names along dim 1
+    per_class = classes.max_over_names(scores, dim=1)
+    assert per_class.shape == (3, 3, 2)
+    for row in range(3):
+        for column in range(2):
+            values = scores[row, :, column].tolist()
+            expected = [max(values[0], values[2]), values[3], max(values[1], values[4])]
+            assert per_class[row, :, column].tolist() == expected
+    torch.testing.assert_close(classes.max_over_names(scores.transpose(0, 1), dim=0), per_class.transpose(0, 1))
+
+
+def test_probabilities_only_when_asked(segmenter):
+    output = segmenter([torch.rand(3, 12, 12)], ["a", "b"], shorter_side=12, window=8, stride=4)
+    assert output.probabilities is None
+    asked = segmenter([torch.rand(3, 12, 12)], ["a", "b"], shorter_side=12, window=8, stride=4,
+                      return_probabilities=True)
+    assert asked.probabilities[0].device == asked.label_maps[0].device == torch.device("cpu")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Loading: text tower from a text_encoder/ subfolder, from the root, or an error
 # --------------------------------------------------------------------------------------------------------------------
