@@ -1,11 +1,10 @@
 """Shared fixtures: tiny random checkpoints on disk and an offline Hugging Face Hub cache."""
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
+from declip_hf.release import build_offline_hub_cache
 from declip_hf.tiny import save_tiny_clip, save_tiny_dinov2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,17 +24,6 @@ def tiny_dinov2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dinov2_registers_dir(tmp_path_factory) -> Path:
     return save_tiny_dinov2(tmp_path_factory.mktemp("tiny_dinov2_reg"), num_register_tokens=4)
-
-
-def build_offline_hub_cache(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0" * 40) -> dict[str, str]:
-    """Lay `folder` out as the Hub cache snapshot of model `repo_id` and return the environment that makes
-    `from_pretrained(repo_id)` resolve it offline (set it before `huggingface_hub` is imported, e.g. in a
-    subprocess)."""
-    repo_cache = cache_dir / f"models--{repo_id.replace('/', '--')}"
-    (repo_cache / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_cache / "refs" / "main").write_text(commit)
-    shutil.copytree(folder, repo_cache / "snapshots" / commit, dirs_exist_ok=True)
-    return {**os.environ, "HF_HUB_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 @pytest.fixture
