@@ -18,10 +18,13 @@ def pool_boxes(dense_embeds: torch.Tensor, boxes: list[torch.Tensor]) -> torch.T
     if len(boxes) != dense_embeds.shape[0]:
         raise ValueError(f"Got {len(boxes)} box lists for a batch of {dense_embeds.shape[0]} images.")
     _, _, grid_height, grid_width = dense_embeds.shape
-    to_grid = torch.tensor([grid_width, grid_height, grid_width, grid_height], device=dense_embeds.device)
-    rois = [image_boxes.to(dense_embeds.device, dense_embeds.dtype) * to_grid.to(dense_embeds.dtype) for image_boxes in boxes]
+    to_grid = torch.tensor(
+        [grid_width, grid_height, grid_width, grid_height], dtype=torch.float32, device=dense_embeds.device
+    )
+    # Boxes stay float32 even under bf16 autocast: bf16 would move a corner by up to a quarter of a patch.
+    rois = [image_boxes.to(dense_embeds.device, torch.float32) * to_grid for image_boxes in boxes]
     # aligned=True: box corners are continuous coordinates, pixel centres sit at +0.5 (the detectron2 convention).
-    pooled = roi_align(dense_embeds, rois, output_size=1, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    pooled = roi_align(dense_embeds.float(), rois, output_size=1, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     return F.normalize(pooled.flatten(1), dim=-1)
 
 
@@ -39,10 +42,12 @@ def pool_masks(dense_embeds: torch.Tensor, masks: list[torch.Tensor]) -> torch.T
         raise ValueError(f"Got {len(masks)} mask lists for a batch of {dense_embeds.shape[0]} images.")
     _, _, grid_height, grid_width = dense_embeds.shape
     pooled = []
-    for image_features, image_masks in zip(dense_embeds, masks):
-        # The method notes do not name the resize mode; bilinear is what CLIPSelf/DeCLIP-style mask pooling uses.
+    for image_features, image_masks in zip(dense_embeds.float(), masks):
+        # The method notes only say "resized". Area resizing weighs each patch by the share of it the mask covers,
+        # so a mask smaller than a patch still counts; bilinear sampling reads about one pixel in sixteen per patch
+        # and can miss it entirely (its feature would be zero).
         weights = F.interpolate(
-            image_masks[:, None].to(image_features), size=(grid_height, grid_width), mode="bilinear", align_corners=False
+            image_masks[:, None].to(image_features.device, torch.float32), size=(grid_height, grid_width), mode="area"
         ).flatten(1)  # (K, h*w)
         features = image_features.flatten(1)  # (D, h*w)
         pooled.append((weights @ features.T) / (weights.sum(dim=1, keepdim=True) + 1e-12))

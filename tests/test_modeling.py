@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from declip_hf import DECOUPLED_ATTENTION_MODES, TRAINABLE_ATTENTION_MODES, DeCLIPVisionConfig, DeCLIPVisionModel
+from declip_hf.region_pooling import pool_boxes
 
 # Odd sizes everywhere (37, 24, 4 heads of 8) so that a swapped axis or head split cannot go unnoticed.
 TINY = dict(
@@ -313,10 +314,10 @@ def test_region_features_match_manual_roi_align():
 
 
 def downsample_by_patch(masks):
-    """Bilinear (align_corners=False) resize by exactly 1/4: output cell i samples input 4i + 1.5, i.e. the mean
-    of the two middle pixels of each patch along each axis."""
-    middle = [masks[:, rows::PATCH, cols::PATCH] for rows in (1, 2) for cols in (1, 2)]
-    return sum(middle) / 4
+    """Area resize by exactly 1/PATCH: each grid cell is the mean of its PATCH x PATCH block of mask pixels."""
+    count, height, width = masks.shape
+    blocks = masks.reshape(count, height // PATCH, PATCH, width // PATCH, PATCH)
+    return blocks.mean(dim=(2, 4))
 
 
 def test_mask_features_match_manual_weighted_mean():
@@ -335,6 +336,27 @@ def test_mask_features_match_manual_weighted_mean():
             features = dense[image_index]  # (D, h, w)
             mean = (features * mask).sum(dim=(1, 2)) / (mask.sum() + 1e-12)
             torch.testing.assert_close(pooled[image_index][mask_index], mean / mean.norm(), atol=1e-5, rtol=1e-5)
+
+
+def test_mask_smaller_than_a_patch_still_pools_its_patch():
+    model = make_model()
+    mask = torch.zeros(1, 32, 32)
+    # One pixel at the corner of the patch at grid row 3, column 5: bilinear resizing samples each patch between
+    # its two middle pixels (13.5, 21.5) and would miss it.
+    mask[0, 12, 20] = 1.0
+    with torch.no_grad():
+        (pooled,) = model.get_mask_features(pixels(1, 32, 32), [mask])
+        dense = model.get_dense_features(pixels(1, 32, 32)).dense_embeds
+    torch.testing.assert_close(pooled[0], dense[0, :, 3, 5], atol=1e-5, rtol=1e-5)
+
+
+def test_boxes_keep_float32_precision_under_bf16_autocast():
+    boxes = [torch.tensor([[0.0, 0.0, 0.7771, 0.5]])]
+    dense = F.normalize(torch.randn(1, TINY["projection_dim"], 8, 40), dim=1).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = pool_boxes(dense, boxes)
+    # A bf16 box corner would be 31.125 instead of 31.084 on this 40-wide grid and pool a different region.
+    torch.testing.assert_close(under_autocast, pool_boxes(dense.float(), boxes), atol=1e-6, rtol=1e-6)
 
 
 def test_empty_mask_pools_to_zero_not_nan():
