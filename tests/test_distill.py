@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.state import AcceleratorState, GradientState
@@ -37,7 +37,7 @@ def _tiny_view_config() -> ViewConfig:
 
 
 def _batch(num_images: int, seed: int) -> dict[str, torch.Tensor]:
-    rng = __import__("numpy").random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     images = [to_rgb(synthetic_image(index, rng)) for index in range(num_images)]
     examples = [make_views(image, _tiny_view_config(), random.Random(seed + i)) for i, image in enumerate(images)]
     for example in examples:
@@ -388,12 +388,6 @@ def test_short_run_lowers_held_out_losses(uninterrupted_run, tiny_clip_dir, tiny
     before, after = held_out_losses(tiny_clip_dir), held_out_losses(uninterrupted_run / "model")
     assert after["content"] < 0.8 * before["content"], (before, after)
     assert after["context"] < before["context"], (before, after)
-
-
-def test_held_out_batch_is_not_trivial():
-    batch = _batch(2, seed=99)
-    assert batch["crop_valid"].sum() >= 2
-    assert F.normalize(batch["student"].flatten(1), dim=-1).prod(dim=0).sum() < 0.99
 
 
 # ------------------------------------------------------------------------------------------------ shipped configs

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
-from transformers import AutoConfig, AutoModel, CLIPImageProcessor, PretrainedConfig
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, PretrainedConfig
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 import declip_hf
@@ -198,7 +199,10 @@ def check_args(args: argparse.Namespace) -> RunPlan:
     check_vfm_config(vfm_config, args.vfm)
     _check_numbers(args, student_config)
     view_config = _view_config(args, student_config, vfm_config)
-    stream = open_image_stream(args.dataset, args.split, args.image_column, data_files=args.data_files)
+    try:
+        stream = open_image_stream(args.dataset, args.split, args.image_column, data_files=args.data_files)
+    except OSError as error:  # e.g. a Hub id that cannot be reached
+        raise ValueError(f"--dataset {args.dataset!r} (split {args.split!r}) cannot be opened: {error}") from error
     images_per_epoch = args.images_per_epoch or _declared_size(stream, args.split)
     if args.max_steps is None and images_per_epoch is None:
         raise ValueError(f"The size of {args.dataset!r} is unknown while streaming: give --max_steps, or "
@@ -252,7 +256,7 @@ def _view_config(args: argparse.Namespace, student_config, vfm_config) -> ViewCo
 def _normalisation(checkpoint: str, default_mean, default_std) -> tuple[tuple, tuple]:
     """The mean/std of the checkpoint's image processor config, or the given defaults if it has none."""
     try:
-        processor = CLIPImageProcessor.from_pretrained(checkpoint)  # reads any processor's mean/std fields
+        processor = AutoImageProcessor.from_pretrained(checkpoint)
         return tuple(processor.image_mean), tuple(processor.image_std)
     except (OSError, ValueError, TypeError):
         return tuple(default_mean), tuple(default_std)
@@ -403,6 +407,9 @@ def setup_run(args: argparse.Namespace, plan: RunPlan) -> Run:
         progress_state = trainer_state["progress"]
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if plan.resume_path is None:
+            shutil.rmtree(run_dir / "debug", ignore_errors=True)  # traces of an earlier run in the same folder
+    accelerator.wait_for_everyone()
     progress = TrainingProgress(accelerator, run_dir / "logs.jsonl", total_steps, args.logging_steps, progress_state)
     accelerator.init_trackers("declip_distill", config=_tracker_config(args))
     loss_fn = DeCLIPLoss(args.content_weight, args.context_weight)

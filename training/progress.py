@@ -38,9 +38,19 @@ class TrainingProgress:
         self.started = time.monotonic()
         self._reset_window()
         self._pending = torch.zeros(len(LOSS_NAMES) + 2 + len(SKIP_REASONS), dtype=torch.float64)
+        if accelerator.is_main_process:
+            self._drop_records_after(self.step)
         self.bar = tqdm(
             total=total_steps, initial=self.step, disable=not accelerator.is_main_process, desc="distill", unit="step"
         )
+
+    def _drop_records_after(self, step: int) -> None:
+        """A fresh run starts a new log; a resumed one drops what the interrupted run logged after its checkpoint,
+        so that each step appears once."""
+        if not self.log_path.exists():
+            return
+        kept = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.log_path.write_text("".join(line + "\n" for line in kept))
 
     def _reset_window(self) -> None:
         self.window_start = time.monotonic()
