@@ -24,31 +24,29 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextConfig, CLIP
 
 from .configuration_declip import DECOUPLED_ATTENTION_MODES, DeCLIPVisionConfig
 from .modeling_declip import DeCLIPVisionModel
+from .segmentation import TEXT_ENCODER_SUBFOLDER
 
 # open_clip model configs (open_clip/model_configs/*.json) of the OpenAI-architecture ViTs, with their defaults
 # (head_width 64, mlp_ratio 4) spelled out. `quick_gelu` is present only where the name states it.
-_OPENAI_TEXT = {"context_length": 77, "vocab_size": 49408, "mlp_ratio": 4.0}
+_OPENAI_TEXT = {"context_length": 77, "vocab_size": 49408, "mlp_ratio": 4.0, "layers": 12}
+
+
+def _open_clip_vit(
+    embed_dim: int, image_size: int, layers: int, width: int, patch_size: int, text_width: int, text_heads: int
+) -> dict:
+    """An open_clip model config of an OpenAI-architecture ViT (12-layer text tower)."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "patch_size": patch_size},
+        "text_cfg": {**_OPENAI_TEXT, "width": text_width, "heads": text_heads},
+    }
+
+
 _BASE_ARCHITECTURES = {
-    "ViT-B-16": {
-        "embed_dim": 512,
-        "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
-        "text_cfg": {**_OPENAI_TEXT, "width": 512, "heads": 8, "layers": 12},
-    },
-    "ViT-B-32": {
-        "embed_dim": 512,
-        "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
-        "text_cfg": {**_OPENAI_TEXT, "width": 512, "heads": 8, "layers": 12},
-    },
-    "ViT-L-14": {
-        "embed_dim": 768,
-        "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
-        "text_cfg": {**_OPENAI_TEXT, "width": 768, "heads": 12, "layers": 12},
-    },
-    "ViT-L-14-336": {
-        "embed_dim": 768,
-        "vision_cfg": {"image_size": 336, "layers": 24, "width": 1024, "patch_size": 14},
-        "text_cfg": {**_OPENAI_TEXT, "width": 768, "heads": 12, "layers": 12},
-    },
+    "ViT-B-16": _open_clip_vit(512, 224, 12, 768, 16, text_width=512, text_heads=8),
+    "ViT-B-32": _open_clip_vit(512, 224, 12, 768, 32, text_width=512, text_heads=8),
+    "ViT-L-14": _open_clip_vit(768, 224, 24, 1024, 14, text_width=768, text_heads=12),
+    "ViT-L-14-336": _open_clip_vit(768, 336, 24, 1024, 14, text_width=768, text_heads=12),
 }
 OPEN_CLIP_ARCHITECTURES = {
     **_BASE_ARCHITECTURES,
@@ -413,9 +411,9 @@ def save_converted(converted: ConvertedCLIP, out: str | Path, tokenizer=None) ->
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(out)
     if converted.text is not None:
-        converted.text.save_pretrained(out / "text_encoder")
+        converted.text.save_pretrained(out / TEXT_ENCODER_SUBFOLDER)
         if tokenizer is not None:
-            tokenizer.save_pretrained(out / "text_encoder")
+            tokenizer.save_pretrained(out / TEXT_ENCODER_SUBFOLDER)
     return out
 
 
@@ -430,12 +428,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"open_clip architecture: one of {', '.join(OPEN_CLIP_ARCHITECTURES)}, or an open_clip model config JSON.",
     )
     parser.add_argument("--out", required=True, help="Folder to write the DeCLIP checkpoint to.")
-    parser.add_argument("--with-text", action="store_true", help="Also convert the text tower into OUT/text_encoder.")
+    parser.add_argument(
+        "--with-text", action="store_true", help=f"Also convert the text tower into OUT/{TEXT_ENCODER_SUBFOLDER}."
+    )
     parser.add_argument(
         "--tokenizer",
         default=None,
         help="Local folder of a CLIP tokenizer (e.g. a copy of openai/clip-vit-base-patch16), saved into "
-        "OUT/text_encoder with --with-text. Without it the text tower is written alone.",
+        f"OUT/{TEXT_ENCODER_SUBFOLDER} with --with-text. Without it the text tower is written alone.",
     )
     parser.add_argument(
         "--hidden-act",
@@ -469,7 +469,10 @@ def main(argv=None) -> Path:
     out = save_converted(converted, args.out, tokenizer)
     print(f"Wrote {out} ({converted.vision.config.hidden_act}, decoupled_attention={args.decoupled_attention})")
     if args.with_text and tokenizer is None:
-        print("No --tokenizer given: text_encoder/ holds the text tower only; add a CLIP tokenizer before using it.")
+        print(
+            f"No --tokenizer given: {TEXT_ENCODER_SUBFOLDER}/ holds the text tower only; add a CLIP tokenizer before "
+            "using it."
+        )
     return out
 
 

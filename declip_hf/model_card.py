@@ -4,13 +4,14 @@ Everything the card says about training is read from the run's `training_args.js
 evaluation from a `declip_hf.evaluate` results file, so a card cannot drift from the run it describes.
 """
 
-import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .segmentation import TEXT_ENCODER_SUBFOLDER
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "declip_vision_model_card.md"
 REQUIRED_TAGS = ("custom_code", "declip", "clip", "open-vocabulary", "dense-prediction")
@@ -19,28 +20,43 @@ PIPELINE_TAG = "image-feature-extraction"
 # Licences of the CLIP families a DeCLIP student starts from; anything else must be given with --license.
 BASE_MODEL_LICENSES = {"openai/clip-vit-": "mit", "laion/CLIP-ViT-": "mit"}
 
-# Paper (section 7 of the method notes): training-free segmentation mIoU of DeCLIP ViT-B/16 (EVA02-CLIP start).
+# Paper (section 7 of the method notes): training-free segmentation mIoU of DeCLIP ViT-B/16 (EVA02-CLIP start),
+# keyed by the built-in benchmark names of `declip_hf.benchmarks.SEGMENTATION_BENCHMARKS`, in the paper's column order.
 PAPER_SEGMENTATION_MIOU = {
-    "VOC21": 59.7,
-    "PC60": 35.3,
-    "Object": 36.4,
-    "VOC20": 85.0,
-    "City": 32.8,
-    "PC59": 39.2,
-    "ADE": 21.9,
-    "Stuff": 25.3,
+    "voc21": 59.7,
+    "context60": 35.3,
+    "coco_object": 36.4,
+    "voc20": 85.0,
+    "cityscapes": 32.8,
+    "context59": 39.2,
+    "ade20k": 21.9,
+    "coco_stuff": 25.3,
 }
-# Names an evaluation may use for the eight benchmarks, lower-cased with separators removed.
-_BENCHMARK_ALIASES = {
-    "VOC21": ("voc21", "voc", "pascalvoc21", "pascalvoc", "vocwithbackground"),
-    "PC60": ("pc60", "context60", "pascalcontext60", "pascalcontext"),
-    "Object": ("object", "cocoobject", "objects"),
-    "VOC20": ("voc20", "pascalvoc20", "vocnobackground"),
-    "City": ("city", "cityscapes"),
-    "PC59": ("pc59", "context59", "pascalcontext59"),
-    "ADE": ("ade", "ade20k", "ade150", "ade20k150"),
-    "Stuff": ("stuff", "cocostuff", "cocostuff171", "stuff171"),
-}
+# Averages over the eight benchmarks as the paper reports them (baselines give only the average).
+PAPER_SEGMENTATION_AVERAGE_MIOU = {"DeCLIP": 41.9, "SCLIP": 38.2, "ClearCLIP": 38.1, "CLIP-DINOiser": 40.3}
+
+
+@dataclass(frozen=True)
+class RegionReference:
+    """A published region-classification result (box pooling, thing / stuff mAcc in %) and where it applies."""
+
+    benchmark: str
+    base_model: str
+    image_size: int
+    box_thing_mAcc: float
+    box_stuff_mAcc: float
+
+    def applies_to(self, benchmark: str, base_model: str | None, image_size) -> bool:
+        return (benchmark, base_model, image_size) == (self.benchmark, self.base_model, self.image_size)
+
+    def __str__(self) -> str:
+        return f"{self.box_thing_mAcc:.1f} / {self.box_stuff_mAcc:.1f}"
+
+
+# Paper appendix: DeCLIP ViT-B/16 on COCO panoptic val2017 at 560 px, started from OpenAI CLIP (the only start this
+# package converts) and from EVA02-CLIP (the paper's headline backbone).
+PAPER_REGION_OPENAI = RegionReference("coco_panoptic", "openai/clip-vit-base-patch16", 560, 65.0, 38.8)
+PAPER_REGION_EVA02 = RegionReference("coco_panoptic", "EVA02-CLIP-B/16", 560, 72.2, 51.3)
 
 
 @dataclass
@@ -88,18 +104,8 @@ def default_license(base_model: str | None) -> str | None:
     )
 
 
-def has_segmentation_api() -> bool:
-    return importlib.util.find_spec("declip_hf.segmentation") is not None
-
-
 def load_results(path: str | Path | None) -> dict | None:
     return json.loads(Path(path).read_text()) if path is not None else None
-
-
-def paper_benchmark(name: str) -> str | None:
-    """The paper's name for an evaluation benchmark name, if it is one of the eight."""
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
-    return next((paper for paper, aliases in _BENCHMARK_ALIASES.items() if key in aliases), None)
 
 
 def _number(value, digits: int = 2) -> str:
@@ -109,7 +115,7 @@ def _number(value, digits: int = 2) -> str:
 def segmentation_rows(results: dict | None) -> list[dict]:
     rows = []
     for name, metrics in ((results or {}).get("benchmarks") or {}).items():
-        paper = PAPER_SEGMENTATION_MIOU.get(paper_benchmark(name) or "")
+        paper = PAPER_SEGMENTATION_MIOU.get(name)
         rows.append(
             {
                 "name": name,
@@ -121,10 +127,13 @@ def segmentation_rows(results: dict | None) -> list[dict]:
     return rows
 
 
-def region_rows(results: dict | None) -> list[dict]:
+def region_rows(results: dict | None, base_model: str | None) -> list[dict]:
+    """One row per region benchmark; the paper's number only where benchmark, starting CLIP and resolution match."""
     rows = []
     for name, metrics in ((results or {}).get("region_classification") or {}).items():
         box, mask = metrics.get("box") or {}, metrics.get("mask") or {}
+        image_size = (metrics.get("settings") or {}).get("image_size")
+        applies = PAPER_REGION_OPENAI.applies_to(name, base_model, image_size)
         rows.append(
             {
                 "name": name,
@@ -133,6 +142,7 @@ def region_rows(results: dict | None) -> list[dict]:
                 "mask_thing": _number(mask.get("thing_mAcc")),
                 "mask_stuff": _number(mask.get("stuff_mAcc")),
                 "num_regions": metrics.get("num_regions", "-"),
+                "paper": str(PAPER_REGION_OPENAI) if applies else "n/a",
             }
         )
     return rows
@@ -224,16 +234,23 @@ def _processor_size(model_dir: Path) -> str:
     return f"{side} px" if side else "its configured size"
 
 
-def _protocol_text(protocol) -> str | None:
-    if protocol is None or isinstance(protocol, str):
-        return protocol
-    return _table_value(protocol)
-
-
 def _link(name: str, hub_section: str = "") -> str:
     """A Hub link for a Hub id (`hub_section` "datasets/" for datasets), the name as code otherwise."""
     hub_id = hub_id_or_none(name)
     return f"[{hub_id}](https://huggingface.co/{hub_section}{hub_id})" if hub_id else f"`{name}`"
+
+
+def paper_segmentation_table() -> list[list[str]]:
+    """The paper's training-free segmentation table: a header row, then one row per method."""
+    header = ["training-free segmentation (mIoU)", *PAPER_SEGMENTATION_MIOU, "average"]
+    declip = [_number(value, 1) for value in PAPER_SEGMENTATION_MIOU.values()]
+    rows = [["DeCLIP", *declip, _number(PAPER_SEGMENTATION_AVERAGE_MIOU["DeCLIP"], 1)]]
+    rows += [
+        [method, *[""] * len(PAPER_SEGMENTATION_MIOU), _number(average, 1)]
+        for method, average in PAPER_SEGMENTATION_AVERAGE_MIOU.items()
+        if method != "DeCLIP"
+    ]
+    return [header, *rows]
 
 
 def build_model_card(
@@ -264,13 +281,16 @@ def build_model_card(
         patch_size=config["patch_size"],
         training_resolution=f"{student_size} px" if student_size else "the resolution recorded below",
         processor_size=_processor_size(run.model_dir),
-        has_text_encoder=(run.model_dir / "text_encoder" / "config.json").is_file(),
-        has_segmentation=has_segmentation_api() and (run.model_dir / "text_encoder" / "config.json").is_file(),
+        text_encoder_subfolder=TEXT_ENCODER_SUBFOLDER,
+        has_text_encoder=(run.model_dir / TEXT_ENCODER_SUBFOLDER / "config.json").is_file(),
         command=run.command,
         hyperparameters=[(name, _table_value(value)) for name, value in args.items()],
         summary=_summary_rows(run.summary),
         versions=", ".join(f"{name} {version}" for name, version in run.versions.items()),
-        protocol=_protocol_text((results or {}).get("protocol")),
+        protocol=(results or {}).get("protocol"),
         segmentation_rows=segmentation_rows(results),
-        region_rows=region_rows(results),
+        region_rows=region_rows(results, base_model),
+        paper_segmentation_table=paper_segmentation_table(),
+        paper_region_openai=PAPER_REGION_OPENAI,
+        paper_region_eva02=PAPER_REGION_EVA02,
     )

@@ -34,6 +34,7 @@ from .model_card import (
     load_results,
 )
 from .modeling_declip import DeCLIPVisionModel
+from .segmentation import TEXT_ENCODER_SUBFOLDER
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -189,8 +190,9 @@ def check_layout(folder: Path) -> Check:
     modules = {reference.split(".")[0] for reference in auto_map.values()}
     problems += [f"{module}.py missing" for module in sorted(modules) if not (folder / f"{module}.py").is_file()]
     problems += ["preprocessor_config.json missing"] if not (folder / "preprocessor_config.json").is_file() else []
-    if (folder / "text_encoder").is_dir() and not list((folder / "text_encoder").glob("*.safetensors")):
-        problems.append("text_encoder/ has no .safetensors weights")
+    text_folder = folder / TEXT_ENCODER_SUBFOLDER
+    if text_folder.is_dir() and not list(text_folder.glob("*.safetensors")):
+        problems.append(f"{TEXT_ENCODER_SUBFOLDER}/ has no .safetensors weights")
     return Check(
         "folder layout (safetensors, auto_map code, image processor, no pickles)", not problems, "; ".join(problems)
     )
@@ -206,12 +208,13 @@ def check_loads_with_package(folder: Path) -> tuple[Check, dict[str, torch.Tenso
     try:
         model, info = DeCLIPVisionModel.from_pretrained(folder, output_loading_info=True)
         problems = _loading_problems(info)
-        if (folder / "text_encoder").is_dir():
-            _, text_info = CLIPTextModelWithProjection.from_pretrained(
-                folder / "text_encoder", output_loading_info=True
-            )
-            AutoTokenizer.from_pretrained(folder / "text_encoder")
-            problems |= {f"text_encoder {name}": value for name, value in _loading_problems(text_info).items()}
+        text_folder = folder / TEXT_ENCODER_SUBFOLDER
+        if text_folder.is_dir():
+            _, text_info = CLIPTextModelWithProjection.from_pretrained(text_folder, output_loading_info=True)
+            AutoTokenizer.from_pretrained(text_folder)
+            problems |= {
+                f"{TEXT_ENCODER_SUBFOLDER} {name}": value for name, value in _loading_problems(text_info).items()
+            }
     except Exception as error:  # noqa: BLE001
         return Check("weights load with declip_hf", False, f"{type(error).__name__}: {error}"), None
     if problems:

@@ -17,7 +17,14 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithPro
 
 from declip_hf import DeCLIPVisionModel
 from declip_hf import release
-from declip_hf.model_card import PAPER_SEGMENTATION_MIOU, TrainingRun, build_model_card
+from declip_hf.benchmarks import SEGMENTATION_BENCHMARKS
+from declip_hf.model_card import (
+    PAPER_SEGMENTATION_AVERAGE_MIOU,
+    PAPER_SEGMENTATION_MIOU,
+    TrainingRun,
+    build_model_card,
+    region_rows,
+)
 
 REPO_ID = "declip-test/tiny-declip"
 
@@ -75,6 +82,7 @@ RESULTS = {
             "box": {"thing_mAcc": 11.5, "stuff_mAcc": 6.25},
             "mask": {"thing_mAcc": 12.0, "stuff_mAcc": 7.0},
             "num_regions": 17,
+            "settings": {"image_size": 560},
         },
     },
 }
@@ -185,6 +193,9 @@ def test_card_reads_every_training_argument_and_result(tiny_run):
     assert "| coco_panoptic | 11.50 | 6.25 | 12.00 | 7.00 | 17 | 65.0 / 38.8 |" in text
     assert all(str(value) in text for value in PAPER_SEGMENTATION_MIOU.values())
     assert "EVA02-CLIP" in text and "arXiv" in text and "2505.04410" in text and "@inproceedings" in text
+    assert text.count("EVA02-CLIP") == 1  # the caveat is stated once
+    assert "| DeCLIP | 59.7 | 35.3 | 36.4 | 85.0 | 32.8 | 39.2 | 21.9 | 25.3 | 41.9 |" in text
+    assert "centre-crops" in text and "letterboxed" in text  # the processor's view differs from training's
 
     metadata = ModelCard(text).data.to_dict()
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-feature-extraction"
@@ -204,6 +215,27 @@ def test_card_reads_every_training_argument_and_result(tiny_run):
         ("coco_panoptic", "thing mAcc (mask)"): 12.0,
         ("coco_panoptic", "stuff mAcc (mask)"): 7.0,
     }
+
+
+def test_paper_numbers_are_keyed_by_the_built_in_benchmarks():
+    assert list(PAPER_SEGMENTATION_MIOU) and set(PAPER_SEGMENTATION_MIOU) == set(SEGMENTATION_BENCHMARKS)
+    mean = sum(PAPER_SEGMENTATION_MIOU.values()) / len(PAPER_SEGMENTATION_MIOU)
+    assert abs(mean - PAPER_SEGMENTATION_AVERAGE_MIOU["DeCLIP"]) < 0.06  # the paper averages unrounded numbers
+
+
+def test_region_reference_only_where_it_applies():
+    def paper_column(results, base_model):
+        return [row["paper"] for row in region_rows(results, base_model)]
+
+    openai = "openai/clip-vit-base-patch16"
+    assert paper_column(RESULTS, openai) == ["65.0 / 38.8"]
+    assert paper_column(RESULTS, "laion/CLIP-ViT-B-16-laion2B-s34B-b88K") == ["n/a"]
+    assert paper_column(RESULTS, None) == ["n/a"]
+    at_448 = {"region_classification": {"coco_panoptic": {"settings": {"image_size": 448}}}}
+    assert paper_column(at_448, openai) == ["n/a"]
+    other = {"region_classification": {"my_regions": {"settings": {"image_size": 560}}}}
+    assert paper_column(other, openai) == ["n/a"]
+    assert paper_column({"region_classification": {"coco_panoptic": {}}}, openai) == ["n/a"]  # size unknown
 
 
 def test_card_without_results_or_hub_student_has_no_model_index(tiny_run):
