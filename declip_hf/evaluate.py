@@ -39,7 +39,8 @@ from .benchmarks import (
     get_segmentation_benchmark,
 )
 from .region_pooling import pool_boxes, pool_masks
-from .segmentation import DeCLIPSegmenter, image_to_tensor, split_class_names
+from .cli import add_model_arguments, load_segmenter
+from .segmentation import ClassEmbeddings, DeCLIPSegmenter, image_to_tensor, split_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,9 @@ def _percent_or_none(value: float) -> float | None:
     return None if math.isnan(value) else round(float(value), 4)
 
 
-def evaluate_segmentation(segmenter: DeCLIPSegmenter, spec: SegmentationBenchmark, max_images=None, **kwargs) -> dict:
+def evaluate_segmentation(
+    segmenter: DeCLIPSegmenter, spec: SegmentationBenchmark, max_images=None, windows_per_batch: int = 16
+) -> dict:
     """mIoU, aAcc, mAcc and per-class IoU of one benchmark, as the results file records them."""
     columns = (spec.image_column, spec.label_column)
     dataset = load_split(spec.path, spec.config_name, spec.split, spec.data_files, columns)
@@ -224,7 +227,7 @@ def evaluate_segmentation(segmenter: DeCLIPSegmenter, spec: SegmentationBenchmar
         prediction = segmenter(
             [image.convert("RGB")], classes, shorter_side=spec.shorter_side, max_longer_side=spec.max_longer_side,
             window=spec.window, stride=spec.stride, logit_scale=spec.logit_scale,
-            background_threshold=spec.background_threshold, **kwargs,
+            background_threshold=spec.background_threshold, windows_per_batch=windows_per_batch,
         ).label_maps[0]
         matrix.update(prediction, label)
         num_images += 1
@@ -292,8 +295,12 @@ def panoptic_regions(panoptic: Image.Image, segments, category_to_class: dict, s
 def padded_square_view(image: Image.Image, size: int, segmenter: DeCLIPSegmenter) -> torch.Tensor:
     """The student view of training (method notes section 3): longest side to `size` (bicubic), black padding
     right and bottom to a square, then normalised. (1, 3, size, size)."""
+    # A copy of training/views.py's `letterbox(centred=False)` + `normalise` (declip_hf must not import training):
+    # keep the two identical, rounding included (Python's `round` of the resized sides, as open_clip, at least
+    # 1 px), so that region classification sees exactly the view the student was trained on.
     scale = size / max(image.size)
-    resized = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    new_width, new_height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    resized = image.convert("RGB").resize((new_width, new_height), Image.BICUBIC)
     canvas = Image.new("RGB", (size, size))
     canvas.paste(resized, (0, 0))
     pixels = image_to_tensor(canvas).to(segmenter.device)
@@ -307,6 +314,32 @@ def _mean_class_accuracy(correct: torch.Tensor, total: torch.Tensor, selected: t
     return round((correct[present] / total[present]).mean().item() * 100, 4)
 
 
+def _thing_and_stuff_accuracy(correct: torch.Tensor, total: torch.Tensor, is_thing: torch.Tensor) -> dict:
+    return {
+        "thing_mAcc": _mean_class_accuracy(correct, total, is_thing),
+        "stuff_mAcc": _mean_class_accuracy(correct, total, ~is_thing),
+    }
+
+
+def classify_regions(
+    segmenter: DeCLIPSegmenter, image: Image.Image, regions: ImageRegions, classes: ClassEmbeddings, image_size: int
+) -> dict[str, torch.LongTensor]:
+    """Predicted class (K,) of every region from its box (RoIAlign) and from its mask (mask pooling), on the CPU.
+    `classes.name_embeds` should already sit on the segmenter's device."""
+    with torch.no_grad():
+        # One dense map serves both poolings (what get_region_features and get_mask_features each compute).
+        pixels = padded_square_view(image, image_size, segmenter)
+        dense_embeds = segmenter.vision_model.get_dense_features(pixels).dense_embeds.float()
+        pooled = {
+            "box": pool_boxes(dense_embeds, [regions.boxes]),
+            "mask": pool_masks(dense_embeds, [regions.masks.to(segmenter.device)]),
+        }
+    return {
+        kind: classes.max_over_names(embeds @ classes.name_embeds.T, dim=1).argmax(dim=1).cpu()
+        for kind, embeds in pooled.items()
+    }
+
+
 def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_images=None) -> dict:
     """Top-1 mean class accuracy of box (RoIAlign) and mask-pooled features, for things and stuff separately."""
     dataset = load_split(
@@ -314,7 +347,8 @@ def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_imag
         (spec.image_column, spec.panoptic_column, spec.segments_column),
     )
     classes = segmenter.encode_classes([category["name"] for category in spec.categories])
-    name_embeds = classes.name_embeds.to(segmenter.device)
+    # Names on the device for the matmul; name_to_class stays on the CPU (no device sync in max_over_names).
+    classes = ClassEmbeddings(name_embeds=classes.name_embeds.to(segmenter.device), name_to_class=classes.name_to_class)
     category_to_class = {category["id"]: index for index, category in enumerate(spec.categories)}
     is_thing = torch.tensor([bool(category["isthing"]) for category in spec.categories])
     total = torch.zeros(len(spec.categories))
@@ -332,29 +366,15 @@ def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_imag
         if len(regions.class_indices) == 0:
             skipped["no_regions"] += 1
             continue
-        with torch.no_grad():
-            # One dense map serves both poolings (what get_region_features and get_mask_features each compute).
-            dense = segmenter.vision_model.get_dense_features(padded_square_view(image, spec.image_size, segmenter))
-            pooled = {
-                "box": pool_boxes(dense.dense_embeds.float(), [regions.boxes]),
-                "mask": pool_masks(dense.dense_embeds.float(), [regions.masks.to(segmenter.device)]),
-            }
         target = regions.class_indices
-        for kind, embeds in pooled.items():
-            prediction = classes.max_over_names(embeds @ name_embeds.T, dim=1).argmax(dim=1).cpu()
+        for kind, prediction in classify_regions(segmenter, image, regions, classes, spec.image_size).items():
             correct[kind] += torch.bincount(target[prediction == target], minlength=len(total)).float()
         total += torch.bincount(target, minlength=len(total)).float()
         num_images += 1
     if num_images == 0:
         raise ValueError(f"{spec.name}: no usable sample in {spec.path} ({spec.split}); skipped: {dict(skipped)}.")
-    result = {
-        kind: {
-            "thing_mAcc": _mean_class_accuracy(correct[kind], total, is_thing),
-            "stuff_mAcc": _mean_class_accuracy(correct[kind], total, ~is_thing),
-        }
-        for kind in ("box", "mask")
-    }
-    return {**result, "num_regions": int(total.sum()), "num_images": num_images, "skipped": dict(skipped),
+    accuracies = {kind: _thing_and_stuff_accuracy(correct[kind], total, is_thing) for kind in correct}
+    return {**accuracies, "num_regions": int(total.sum()), "num_images": num_images, "skipped": dict(skipped),
             "settings": spec.settings()}
 
 
@@ -365,11 +385,7 @@ def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_imag
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="DeCLIP or CLIP checkpoint: local folder or Hub id.")
-    parser.add_argument("--text-model", default=None,
-                        help="Checkpoint with the CLIP text tower, if --model has none.")
-    parser.add_argument("--decoupled-attention", default=None,
-                        help="Override the checkpoint's decoupled_attention (e.g. csa, vanilla).")
+    add_model_arguments(parser)
     parser.add_argument("--benchmarks", default=",".join(SEGMENTATION_BENCHMARKS),
                         help=f"Comma-separated built-in names ({', '.join(SEGMENTATION_BENCHMARKS)}) "
                         "or YAML spec paths; '' for none.")
@@ -385,10 +401,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Set a benchmark's data_files (e.g. with --dataset NAME=parquet). Repeatable.")
     parser.add_argument("--split", action="append", default=[], metavar="NAME=SPLIT",
                         help="Replace a benchmark's split. Repeatable.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                         help="Autocast precision of the forward passes.")
-    parser.add_argument("--windows-per-batch", type=int, default=16, help="Sliding-window crops per forward pass.")
     return parser.parse_args(argv)
 
 
@@ -437,10 +451,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     segmentation_specs = _specs(args.benchmarks, get_segmentation_benchmark)
     region_specs = _specs(args.region_benchmark, get_region_benchmark)
+    if not segmentation_specs and not region_specs:
+        raise SystemExit("Nothing to evaluate: --benchmarks and --region-benchmark are both empty.")
     for spec in segmentation_specs + region_specs:
         _apply_overrides(spec, args)
-    model_kwargs = {"decoupled_attention": args.decoupled_attention} if args.decoupled_attention else {}
-    segmenter = DeCLIPSegmenter.from_pretrained(args.model, text_model=args.text_model, **model_kwargs).to(args.device)
+    segmenter = load_segmenter(args)
     precision = PRECISIONS[args.precision]
     device_type = torch.device(args.device).type
     results = {"model": args.model, "protocol": PROTOCOL, "benchmarks": {}, "region_classification": {},
@@ -459,7 +474,6 @@ def main(argv=None) -> dict:
             result = evaluate_regions(segmenter, spec, args.max_images)
         results["region_classification"][spec.name] = {**result, "settings": {**result["settings"], **run_settings}}
         write_results(results, args.output)
-    write_results(results, args.output)
     return results
 
 

@@ -11,7 +11,8 @@ import colorsys
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .segmentation import DeCLIPSegmenter, split_class_names
+from .cli import add_model_arguments, load_segmenter
+from .segmentation import split_class_names
 
 # The ViT-B/16 DeCLIP release; any CLIP-compatible checkpoint works, e.g. "openai/clip-vit-base-patch16".
 DEFAULT_MODEL = "declip-hf/declip-vitb16"
@@ -64,8 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--labels", required=True,
                         help='Comma-separated classes; names of one class separated by ";" (e.g. "car;vehicle").')
     parser.add_argument("--out", default="overlay.png", help="Output PNG: the overlay with a legend.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="DeCLIP or CLIP checkpoint (local folder or Hub id).")
-    parser.add_argument("--text-model", default=None, help="Checkpoint with the CLIP text tower, if --model has none.")
+    add_model_arguments(parser, default_model=DEFAULT_MODEL)
     parser.add_argument("--shorter-side", type=int, default=448, help="Resize the shorter image side to this.")
     parser.add_argument("--window", type=int, default=336, help="Sliding-window size in pixels.")
     parser.add_argument("--stride", type=int, default=112, help="Sliding-window stride in pixels.")
@@ -73,20 +73,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Scale of the cosine similarities before the softmax.")
     parser.add_argument("--min-probability", type=float, default=None,
                         help="Leave pixels whose best class probability is below this uncoloured.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> Image.Image:
     args = parse_args(argv)
     class_names = [entry for entry in args.labels.split(",") if entry.strip()]
-    segmenter = DeCLIPSegmenter.from_pretrained(args.model, text_model=args.text_model).to(args.device)
+    segmenter = load_segmenter(args)
     image = Image.open(args.image).convert("RGB")
     output = segmenter(
         [image], class_names, shorter_side=args.shorter_side, window=args.window, stride=args.stride,
-        logit_scale=args.logit_scale, return_probabilities=True,
+        logit_scale=args.logit_scale, return_probabilities=True, windows_per_batch=args.windows_per_batch,
     )
-    label_map, probabilities = output.label_maps[0], output.probabilities[0].cpu()
+    label_map, probabilities = output.label_maps[0], output.probabilities[0]
     if args.min_probability is not None:
         label_map = torch.where(probabilities.amax(dim=0) < args.min_probability, UNLABELLED, label_map)
     colours = palette(len(class_names))

@@ -329,6 +329,34 @@ def test_region_classification_end_to_end(tmp_path, tiny_clip_dir):
         assert math.isclose(regions[kind]["stuff_mAcc"], stuff, abs_tol=1e-3)
 
 
+@pytest.mark.parametrize("width, height", [(64, 25), (200, 1), (1, 90), (33, 33)])
+def test_region_view_is_the_training_letterbox(width, height):
+    from training.views import letterbox, normalise
+
+    from declip_hf.evaluate import padded_square_view
+
+    segmenter = DeCLIPSegmenter(None, None, None, image_mean=(0.4, 0.5, 0.6), image_std=(0.2, 0.25, 0.3))
+    image = Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    view = padded_square_view(image, 32, segmenter)
+    expected = normalise([letterbox(image, 32, centred=False)], (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    torch.testing.assert_close(view, expected)
+    # Independently: Python's round of the resized sides, at least 1 px (64x25 -> 32x12.5 rounds to 12, to even).
+    scale = 32 / max(width, height)
+    new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
+    padding = torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1).neg() / torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
+    torch.testing.assert_close(view[0, :, new_height:, :], padding.expand(3, 32 - new_height, 32))
+    torch.testing.assert_close(view[0, :, :, new_width:], padding.expand(3, 32, 32 - new_width))
+
+
+def test_nothing_to_evaluate_and_unknown_attention_mode_are_refused(tmp_path, tiny_clip_dir):
+    output = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match="Nothing to evaluate"):
+        main(["--model", str(tiny_clip_dir), "--benchmarks", "", "--output", str(output)])
+    assert not output.exists()
+    with pytest.raises(SystemExit):  # argparse: not one of DECOUPLED_ATTENTION_MODES
+        main(["--model", str(tiny_clip_dir), "--decoupled-attention", "qk", "--output", str(output)])
+
+
 def test_example_yaml_spec_loads():
     from tests.conftest import REPO_ROOT
 
