@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2, help="Images per step.")
     parser.add_argument("--variants", nargs="*", help="Run only these variant names (default: all).")
     parser.add_argument("--json", help="Also write the results to this JSON file.")
+    parser.add_argument("--timeout", type=float, default=1800, help="Give up on a variant after this many seconds.")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     shape_name = "tiny" if args.tiny else "vitb16"
@@ -209,9 +210,13 @@ def main() -> None:
             continue
         command = [sys.executable, __file__, "--child", variant.name, "--steps", str(args.steps),
                    "--batch_size", str(args.batch_size)] + (["--tiny"] if args.tiny else [])
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        try:
+            output = subprocess.run(command, check=True, capture_output=True, text=True, timeout=args.timeout).stdout
+        except subprocess.TimeoutExpired:
+            print(f"{variant.name}: did not finish within {args.timeout} s", flush=True)
+            continue
         results.append(json.loads(output.strip().splitlines()[-1]))
-        print(f"{variant.name}: {results[-1]['step_s']:.2f} s/step, {results[-1]['peak_rss_gib']:.2f} GiB", flush=True)
+        print(f"{variant.name}: {json.dumps(results[-1])}", flush=True)
     print(f"\nbatch {args.batch_size}, {shape_name}, {results[0]['threads']} threads, mean of {args.steps} steps; "
           f"fp32 matmul rate {gflops_before:.0f} GFLOP/s before, {sgemm_gflops():.0f} GFLOP/s after\n")
     print(table(results))
