@@ -22,13 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModel, Dinov2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training.*` from the repository root
 
 from declip_hf import DeCLIPVisionConfig  # noqa: E402  (registers DeCLIP with AutoModel)
-from declip_hf.modeling_declip import SelfSimilarityAttention  # noqa: E402
 from training.distill import DenseStudent  # noqa: E402
 from training.losses import DeCLIPLoss  # noqa: E402
 from training.optim import build_optimizer, configure_trainable  # noqa: E402
@@ -71,22 +69,11 @@ VARIANTS = [
 ]
 
 
-class EagerSelfSimilarityAttention(SelfSimilarityAttention):
-    """DeCLIP's decoupled attention with the weights materialised (the unfused baseline)."""
-
-    @staticmethod
-    def _attend(heads, group, scale):
-        similarity = torch.cat([heads[name] for name in group], dim=-1)  # (B, H, T, d * len(group))
-        weights = torch.softmax(similarity @ similarity.transpose(-1, -2) * (scale / len(group)), dim=-1)
-        return weights @ heads["v"]
-
-
 def build(variant: Variant, shapes):
     student_kwargs, vfm_kwargs = shapes[0], shapes[1]
     config = DeCLIPVisionConfig(**student_kwargs, decoupled_attention="qq")
+    # With attn_implementation="eager" the decoupled last layer materialises its attention weights too.
     student = AutoModel.from_config(config, attn_implementation=variant.attention)
-    if variant.attention == "eager":
-        student.decoupled_path = EagerSelfSimilarityAttention(*student.decoupled_path.similarity_groups)
     configure_trainable(student)
     if variant.checkpointing:
         student.activation_checkpointing_enable()

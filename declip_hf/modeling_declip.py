@@ -53,12 +53,28 @@ def _merge_heads(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.transpose(1, 2).reshape(batch_size, num_tokens, num_heads * head_dim)
 
 
+def tokens_to_map(tokens: torch.Tensor, grid_height: int, grid_width: int) -> torch.Tensor:
+    """(B, N, D) patch tokens in row-major order -> (B, D, h, w) feature map."""
+    batch_size, _, channels = tokens.shape
+    return tokens.transpose(1, 2).reshape(batch_size, channels, grid_height, grid_width)
+
+
+def _fused_self_similarity(similarity: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(similarity, similarity, values, scale=scale)
+
+
+def _eager_self_similarity(similarity: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    weights = torch.softmax(similarity @ similarity.transpose(-1, -2) * scale, dim=-1, dtype=torch.float32)
+    return weights.to(values.dtype) @ values
+
+
 class SelfSimilarityAttention:
     """Attention whose weights compare a projection with itself: DeCLIP's content path.
 
     Each group of projections contributes `softmax(s / len(group) * sum_p p p^T) @ v`. Concatenating the group's
     projections along the head dimension turns that sum into one dot product, so every mode, `all` included,
-    runs through fused `scaled_dot_product_attention`.
+    runs through fused `scaled_dot_product_attention`. A model loaded with `attn_implementation="eager"` gets the
+    same formula written out (for comparison and benchmarking).
     """
 
     def __init__(self, *similarity_groups: tuple[str, ...]):
@@ -71,17 +87,16 @@ class SelfSimilarityAttention:
 
     def __call__(self, layer: CLIPEncoderLayer, hidden_states: torch.Tensor):
         attention = layer.self_attn
+        attend = _eager_self_similarity if attention.config._attn_implementation == "eager" else _fused_self_similarity
         normed = layer.layer_norm1(hidden_states)
         projections = {name: getattr(attention, f"{name}_proj")(normed) for name in self.projection_names}
         heads = {name: _split_heads(tensor, attention.num_heads) for name, tensor in projections.items()}
-        attended = sum(self._attend(heads, group, attention.scale) for group in self.similarity_groups)
+        attended = 0
+        for group in self.similarity_groups:
+            similarity = torch.cat([heads[name] for name in group], dim=-1)  # (B, H, T, d * len(group))
+            attended = attended + attend(similarity, heads["v"], attention.scale / len(group))
         content_tokens = attention.out_proj(_merge_heads(attended))
         return content_tokens, tuple(projections[name] for name in self.context_names)
-
-    @staticmethod
-    def _attend(heads: dict[str, torch.Tensor], group: tuple[str, ...], scale: float) -> torch.Tensor:
-        similarity = torch.cat([heads[name] for name in group], dim=-1)  # (B, H, T, d * len(group))
-        return F.scaled_dot_product_attention(similarity, similarity, heads["v"], scale=scale / len(group))
 
 
 def vanilla_path(layer: CLIPEncoderLayer, hidden_states: torch.Tensor):
@@ -161,7 +176,6 @@ class DeCLIPVisionModel(CLIPVisionModel):
     def __init__(self, config: DeCLIPVisionConfig):
         super().__init__(config)
         self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
-        self.decoupled_path = DECOUPLED_PATHS[config.decoupled_attention]
         self.post_init()
 
     def _init_weights(self, module):
@@ -172,6 +186,12 @@ class DeCLIPVisionModel(CLIPVisionModel):
             init.normal_(module.weight, std=self.config.hidden_size**-0.5 * self.config.initializer_factor)
         else:
             super()._init_weights(module)
+
+    @property
+    def decoupled_path(self):
+        """The last layer's dense path for `config.decoupled_attention` (read each time, so changing the config's
+        mode on a loaded model takes effect)."""
+        return DECOUPLED_PATHS[self.config.decoupled_attention]
 
     @property
     def patch_size(self) -> int:
@@ -185,17 +205,15 @@ class DeCLIPVisionModel(CLIPVisionModel):
     def get_dense_features(self, pixel_values: torch.Tensor) -> DeCLIPDenseOutput:
         """Dense content features (B, D, h, w) and context features (B, N, C) for images of any size that is a
         multiple of the patch size (the position embedding is resized bicubically)."""
-        batch_size, _, height, width = pixel_values.shape
+        _, _, height, width = pixel_values.shape
         grid_height, grid_width = self._grid_size(height, width)
         hidden_states = self._encode_before_last_layer(pixel_values)
         content_tokens, context = self.decoupled_path(self.encoder.layers[-1], hidden_states)
         # Layer norm and projection act per token, so the CLS row can be dropped first.
         content = self.visual_projection(self.post_layernorm(content_tokens[:, 1:]))  # (B, N, D)
-        # (B, N, D) -> (B, D, h, w), patches in row-major order
-        dense = content.transpose(1, 2).reshape(batch_size, -1, grid_height, grid_width)
         return DeCLIPDenseOutput(
-            dense_embeds=F.normalize(dense, dim=1),
-            context_features=tuple(feature[:, 1:] for feature in context),
+            dense_embeds=F.normalize(tokens_to_map(content, grid_height, grid_width), dim=1),
+            context_features=tuple(feature[:, 1:].contiguous() for feature in context),
         )
 
     def get_region_features(self, pixel_values: torch.Tensor, boxes: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:

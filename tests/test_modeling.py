@@ -1,5 +1,6 @@
 """DeCLIPVisionModel against computations written out plainly from the method notes (section 1 and 2)."""
 
+import copy
 import math
 
 import pytest
@@ -416,3 +417,23 @@ def test_bf16_autocast_close_to_fp32(mode):
         assert relative_error < 2e-2, relative_error
     assert [region.shape for region in regions] == [(1, TINY["projection_dim"])] * 2
     assert torch.isfinite(torch.cat(regions).float()).all()
+
+
+def test_changing_the_configs_mode_on_a_built_model_takes_effect():
+    model = make_model("csa")
+    model.config.decoupled_attention = "vanilla"
+    with torch.no_grad():
+        output = model.get_dense_features(pixels(1, 32, 32))
+    assert output.context_features == ()
+
+
+@pytest.mark.parametrize("mode", TRAINABLE_ATTENTION_MODES)
+def test_eager_attention_implementation_matches_fused(mode):
+    model = make_model(mode)
+    eager = copy.deepcopy(model)  # its own config, so only this copy switches to eager
+    eager.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+    with torch.no_grad():
+        fused_output = model.get_dense_features(pixels(2, 24, 40))
+        eager_output = eager.get_dense_features(pixels(2, 24, 40))
+    torch.testing.assert_close(eager_output.dense_embeds, fused_output.dense_embeds, atol=1e-5, rtol=1e-5)
