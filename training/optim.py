@@ -1,4 +1,5 @@
-"""What DeCLIP trains and how (method notes section 5): the trainable set, AdamW groups and the warmup-cosine schedule."""
+"""What DeCLIP trains and how (method notes section 5): the trainable set, AdamW groups and the warmup-cosine
+schedule."""
 
 import math
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from declip_hf import DeCLIPVisionModel
+from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPVisionModel
 
 # §5: the recipe's learning rate is given for a total batch of 16 images and scaled linearly with it.
 REFERENCE_TOTAL_BATCH = 16
@@ -18,6 +19,8 @@ LR_SCALINGS = {
 
 
 def scaled_learning_rate(lr: float, total_batch: int, scaling: str) -> float:
+    if scaling not in LR_SCALINGS:
+        raise ValueError(f"Unknown learning-rate scaling {scaling!r}; expected one of {sorted(LR_SCALINGS)}.")
     return LR_SCALINGS[scaling](lr, total_batch)
 
 
@@ -30,8 +33,14 @@ def unused_last_layer_modules(student: DeCLIPVisionModel) -> list[str]:
     fail ("parameters that were not used in producing loss") and AdamW would skip them anyway, so freezing them
     changes nothing in the result.
     """
-    path = student.decoupled_path
-    used = {"v"} | {name for group in path.similarity_groups for name in group}
+    mode = student.config.decoupled_attention
+    if mode not in TRAINABLE_ATTENTION_MODES:
+        # The baselines (vanilla, maskclip) have no context features, so nothing is distilled into them.
+        raise ValueError(
+            f"decoupled_attention={mode!r} cannot be distilled; expected one of "
+            f"declip_hf.TRAINABLE_ATTENTION_MODES={TRAINABLE_ATTENTION_MODES}."
+        )
+    used = student.decoupled_path.projection_names
     return ["mlp", "layer_norm2"] + [f"self_attn.{name}_proj" for name in ("q", "k") if name not in used]
 
 
@@ -94,4 +103,9 @@ def total_update_steps(
     """Optimizer updates of the whole run: `max_steps`, or `epochs` passes over `images_per_epoch` images."""
     if max_steps is not None:
         return max_steps
+    if images_per_epoch is None:
+        raise ValueError(
+            "The run length is unknown: give --max_steps, or --images_per_epoch when the dataset does not declare "
+            "its size."
+        )
     return epochs * math.ceil(images_per_epoch / batch_per_update)
