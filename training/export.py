@@ -6,11 +6,10 @@ starting checkpoint had one, its text tower, so the folder alone is enough for z
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithProjection
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithProjection, PretrainedConfig
 
 from declip_hf import DeCLIPVisionModel
-
-TEXT_ENCODER_FOLDER = "text_encoder"
+from declip_hf.segmentation import TEXT_ENCODER_SUBFOLDER
 
 PROCESSOR_NOTE = (
     "DeCLIP was distilled on {size}x{size} inputs made by resizing the longest side to {size} (bicubic) and padding "
@@ -52,20 +51,36 @@ def image_processor_for(start_checkpoint: str, student_size: int, patch_size: in
     return processor
 
 
+def text_encoder_subfolder(start_checkpoint: str) -> str | None:
+    """Where the starting checkpoint keeps a CLIP text tower: `text_encoder/` of a DeCLIP folder (local or Hub),
+    the root of a full CLIP checkpoint, or None."""
+    for subfolder, text_model_types in ((TEXT_ENCODER_SUBFOLDER, ("clip_text_model", "clip")), ("", ("clip",))):
+        try:
+            config_dict, _ = PretrainedConfig.get_config_dict(start_checkpoint, subfolder=subfolder)
+        except (OSError, ValueError):
+            continue
+        if config_dict.get("model_type") in text_model_types:
+            return subfolder
+    return None
+
+
 def save_text_encoder(start_checkpoint: str, folder: Path) -> bool:
-    """Copy the text tower and tokenizer of a full CLIP checkpoint into `folder`; False if it has none."""
-    if AutoConfig.from_pretrained(start_checkpoint).model_type != "clip":
+    """Copy the starting checkpoint's text tower and tokenizer into `folder`; False if it has none."""
+    subfolder = text_encoder_subfolder(start_checkpoint)
+    if subfolder is None:
         return False
-    CLIPTextModelWithProjection.from_pretrained(start_checkpoint).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(start_checkpoint).save_pretrained(folder)
+    CLIPTextModelWithProjection.from_pretrained(start_checkpoint, subfolder=subfolder).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(start_checkpoint, subfolder=subfolder).save_pretrained(folder)
     return True
 
 
-def save_model(student: DeCLIPVisionModel, folder: Path, start_checkpoint: str, alpha: float, student_size: int) -> None:
+def save_model(
+    student: DeCLIPVisionModel, folder: Path, start_checkpoint: str, alpha: float, student_size: int
+) -> None:
     """Write the whole model folder (call on the main process only)."""
     folder = Path(folder)
     state = ensembled_state_dict(student, start_checkpoint, alpha)
     # declip_hf registers its classes for auto classes, so this also copies the code and writes `auto_map`.
     student.save_pretrained(folder, state_dict=state)
     image_processor_for(start_checkpoint, student_size, student.config.patch_size).save_pretrained(folder)
-    save_text_encoder(start_checkpoint, folder / TEXT_ENCODER_FOLDER)
+    save_text_encoder(start_checkpoint, folder / TEXT_ENCODER_SUBFOLDER)
