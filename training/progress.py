@@ -15,7 +15,7 @@ LOSS_NAMES = ("content", "context", "total")
 
 class TrainingProgress:
     """Running totals of the run. `add_micro_batch` on every process after each forward; `end_update` (a collective:
-    one all-reduce) on every process after each optimizer update; it writes a log record every `logging_steps`.
+    two all-reduces) on every process after each optimizer update; it writes a log record every `logging_steps`.
 
     Args:
         accelerator: the run's `Accelerator`.
@@ -37,7 +37,9 @@ class TrainingProgress:
         self.last_losses: dict[str, float] = state.get("final_losses", {})
         self.started = time.monotonic()
         self._reset_window()
-        self._pending = torch.zeros(len(LOSS_NAMES) + 2 + len(SKIP_REASONS), dtype=torch.float64)
+        # Losses in float32 and counts in int64: float64 cannot be all-reduced on every accelerator (MPS, XLA).
+        self._pending_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.float32)
+        self._pending_counts = torch.zeros(2 + len(SKIP_REASONS), dtype=torch.int64)
         if accelerator.is_main_process:
             self._drop_records_after(self.step)
         self.bar = tqdm(
@@ -60,15 +62,19 @@ class TrainingProgress:
 
     def add_micro_batch(self, terms: dict[str, torch.Tensor], batch_size: int, skipped: torch.Tensor) -> None:
         """Record one forward pass of this process: its loss terms, images used and images skipped."""
-        losses = torch.tensor([terms[name].item() for name in LOSS_NAMES], dtype=torch.float64)
-        counts = torch.tensor([1.0, float(batch_size)], dtype=torch.float64)
-        self._pending += torch.cat([losses, counts, skipped.to(torch.float64)])
+        # One device-to-host copy for all terms, not one sync per `.item()`.
+        self._pending_losses += torch.stack([terms[name].detach().float() for name in LOSS_NAMES]).cpu()
+        counts = torch.tensor([1, batch_size], dtype=torch.int64)
+        self._pending_counts += torch.cat([counts, skipped.cpu().to(torch.int64)])
 
     def end_update(self, epoch: int, lr: float) -> dict | None:
         """Sum this update's records over processes; returns the log record when one is written."""
-        summed = self.accelerator.reduce(self._pending.to(self.accelerator.device), reduction="sum").cpu()
-        self._pending.zero_()
-        loss_sums, (micro_batches, images), skipped = summed[:3], summed[3:5].tolist(), summed[5:].tolist()
+        device = self.accelerator.device
+        loss_sums = self.accelerator.reduce(self._pending_losses.to(device), reduction="sum").cpu()
+        counts = self.accelerator.reduce(self._pending_counts.to(device), reduction="sum").cpu().tolist()
+        self._pending_losses = torch.zeros_like(self._pending_losses)  # fresh: the sums above may alias them
+        self._pending_counts = torch.zeros_like(self._pending_counts)
+        (micro_batches, images), skipped = counts[:2], counts[2:]
         self.step += 1
         self.images_seen += int(images)
         for reason, count in zip(SKIP_REASONS, skipped):
