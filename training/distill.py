@@ -418,7 +418,9 @@ def setup_run(args: argparse.Namespace, plan: RunPlan) -> Run:
 
 
 def _tracker_config(args: argparse.Namespace) -> dict:
-    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()}
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
 
 
 def train(run: Run) -> None:

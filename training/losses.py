@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from declip_hf.modeling_declip import tokens_to_map
 from declip_hf.region_pooling import pool_boxes
 
 
@@ -42,12 +43,6 @@ def cosine_correlation(feature_map: torch.Tensor) -> torch.Tensor:
     return rows @ rows.transpose(1, 2)
 
 
-def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, N, C) patch tokens in row-major order -> (B, C, h, w)."""
-    batch_size, _, channels = tokens.shape
-    return tokens.transpose(1, 2).reshape(batch_size, channels, *grid)
-
-
 def context_loss(
     context_features: tuple[torch.Tensor, ...], student_grid: tuple[int, int], vfm_map: torch.Tensor
 ) -> torch.Tensor:
@@ -63,7 +58,7 @@ def context_loss(
     target = cosine_correlation(vfm_map)
     correlations = []
     for feature in context_features:
-        feature_map = tokens_to_map(feature.float(), student_grid)
+        feature_map = tokens_to_map(feature.float(), *student_grid)
         if tuple(student_grid) != vfm_grid:
             feature_map = F.interpolate(feature_map, size=vfm_grid, mode="bilinear", align_corners=False)
         correlations.append(cosine_correlation(feature_map))

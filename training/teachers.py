@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from declip_hf import DeCLIPVisionModel
+from declip_hf.modeling_declip import tokens_to_map
 
 # VFM model types -> number of tokens before the patch tokens in `last_hidden_state` (CLS, then any registers).
 VFM_PREFIX_TOKENS = {
@@ -66,8 +67,7 @@ class FrozenVFM(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, V, V) -> (B, C, V / patch, V / patch) float32 patch features (CLS and registers dropped)."""
-        batch_size, _, height, width = pixel_values.shape
+        height, width = pixel_values.shape[-2:]
         tokens = self.model(pixel_values=pixel_values.to(self.dtype)).last_hidden_state  # after the final layernorm
         patches = tokens[:, self.num_prefix_tokens :].float()  # (B, N, C)
-        # (B, N, C) -> (B, C, h, w), patches in row-major order
-        return patches.transpose(1, 2).reshape(batch_size, -1, height // self.patch_size, width // self.patch_size)
+        return tokens_to_map(patches, height // self.patch_size, width // self.patch_size)
