@@ -16,13 +16,17 @@ from accelerate import Accelerator
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
-from transformers import AutoModel, CLIPImageProcessor, CLIPTextModelWithProjection
+from transformers import AutoModel, AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithProjection
 
 from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPVisionModel
 from training import distill
 from training.data import collate_views
 from training.losses import DeCLIPLoss
-from training.optim import build_scheduler, configure_trainable, parameter_groups
+from training.export import save_model
+from training.optim import (
+    build_scheduler, configure_trainable, parameter_groups, scaled_learning_rate, total_update_steps
+)
+from training.progress import LOSS_NAMES, TrainingProgress
 from training.teachers import FrozenCLIPTeacher, FrozenVFM
 from training.tiny_assets import NUM_BAD_IMAGES, synthetic_image, write_image_shards
 from training.views import ViewConfig, make_views, to_rgb
@@ -102,6 +106,79 @@ def test_num_trainable_layers_keeps_earlier_layers_frozen(tiny_clip_dir):
     assert trainable and all(name.startswith("encoder.layers.1.") for name in trainable)
     with pytest.raises(ValueError, match="between 1 and 2"):
         configure_trainable(student, num_trainable_layers=3)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "maskclip"])
+def test_baseline_modes_cannot_be_distilled(mode, tiny_clip_dir):
+    student = DeCLIPVisionModel.from_pretrained(tiny_clip_dir, decoupled_attention=mode)
+    with pytest.raises(ValueError, match="TRAINABLE_ATTENTION_MODES"):
+        configure_trainable(student)
+
+
+def test_run_length_and_lr_scaling_errors_name_what_to_pass():
+    assert total_update_steps(None, epochs=2, images_per_epoch=10, batch_per_update=4) == 2 * 3
+    assert total_update_steps(7, epochs=2, images_per_epoch=None, batch_per_update=4) == 7
+    with pytest.raises(ValueError, match="--max_steps.*--images_per_epoch"):
+        total_update_steps(None, epochs=2, images_per_epoch=None, batch_per_update=4)
+    assert scaled_learning_rate(1e-4, 32, "linear") == pytest.approx(2e-4)
+    with pytest.raises(ValueError, match=r"\['linear', 'none'\]"):
+        scaled_learning_rate(1e-4, 32, "sqrt")
+
+
+class _RecordingAccelerator:
+    """One process: `reduce` is the identity, and the tensors it is given are kept."""
+
+    device = torch.device("cpu")
+    is_main_process = True
+    num_processes = 1
+
+    def __init__(self):
+        self.reduced = []
+
+    def reduce(self, tensor, reduction):
+        self.reduced.append(tensor.clone())
+        return tensor
+
+    def log(self, values, step):
+        pass
+
+
+def test_progress_reduces_float32_losses_and_int64_counts(tmp_path):
+    accelerator = _RecordingAccelerator()
+    progress = TrainingProgress(accelerator, tmp_path / "logs.jsonl", total_steps=1, logging_steps=1)
+    skipped = torch.arange(6)
+    for content, context in [(0.5, 2.0), (0.25, 4.0)]:
+        terms = {"content": torch.tensor(content), "context": torch.tensor(context)}
+        terms["total"] = terms["content"] + 0.1 * terms["context"]
+        progress.add_micro_batch(terms, batch_size=3, skipped=skipped)
+    record = progress.end_update(epoch=0, lr=1e-3)
+    progress.close()
+    assert sorted(str(tensor.dtype) for tensor in accelerator.reduced) == ["torch.float32", "torch.int64"]
+    assert record["loss/content"] == pytest.approx(0.375) and record["loss/context"] == pytest.approx(3.0)
+    assert record["loss/total"] == pytest.approx(0.375 + 0.3)
+    assert record["images_seen"] == 6 and record["skipped_total"] == 2 * sum(range(6))
+    assert set(LOSS_NAMES) == {"content", "context", "total"}
+
+
+def test_saved_model_copies_the_text_tower_of_a_declip_start(tmp_path, tiny_clip_dir):
+    start = tmp_path / "declip_start"
+    DeCLIPVisionModel.from_pretrained(tiny_clip_dir).save_pretrained(start)
+    CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir).save_pretrained(start / "text_encoder")
+    AutoTokenizer.from_pretrained(tiny_clip_dir).save_pretrained(start / "text_encoder")
+    student = DeCLIPVisionModel.from_pretrained(start, decoupled_attention="csa")
+    save_model(student, tmp_path / "model", str(start), alpha=1.0, student_size=STUDENT_SIZE)
+
+    text = CLIPTextModelWithProjection.from_pretrained(tmp_path / "model" / "text_encoder")
+    start_text = CLIPTextModelWithProjection.from_pretrained(start / "text_encoder").state_dict()
+    assert text.state_dict().keys() == start_text.keys()
+    for name, value in text.state_dict().items():
+        assert torch.equal(value, start_text[name]), name
+    assert AutoTokenizer.from_pretrained(tmp_path / "model" / "text_encoder")("a cat").input_ids
+
+    vision_only = tmp_path / "vision_only"
+    DeCLIPVisionModel.from_pretrained(tiny_clip_dir).save_pretrained(vision_only)
+    save_model(student, tmp_path / "model_without_text", str(vision_only), alpha=1.0, student_size=STUDENT_SIZE)
+    assert not (tmp_path / "model_without_text" / "text_encoder").exists()
 
 
 def test_weight_decay_only_on_matrices(tiny_clip_dir):
