@@ -38,6 +38,7 @@ from .benchmarks import (
     get_region_benchmark,
     get_segmentation_benchmark,
 )
+from .preprocessing import letterbox
 from .region_pooling import pool_boxes, pool_masks
 from .cli import add_model_arguments, load_segmenter
 from .segmentation import ClassEmbeddings, DeCLIPSegmenter, image_to_tensor, split_class_names
@@ -295,15 +296,8 @@ def panoptic_regions(panoptic: Image.Image, segments, category_to_class: dict, s
 def padded_square_view(image: Image.Image, size: int, segmenter: DeCLIPSegmenter) -> torch.Tensor:
     """The student view of training (method notes section 3): longest side to `size` (bicubic), black padding
     right and bottom to a square, then normalised. (1, 3, size, size)."""
-    # A copy of training/views.py's `letterbox(centred=False)` + `normalise` (declip_hf must not import training):
-    # keep the two identical, rounding included (Python's `round` of the resized sides, as open_clip, at least
-    # 1 px), so that region classification sees exactly the view the student was trained on.
-    scale = size / max(image.size)
-    new_width, new_height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    resized = image.convert("RGB").resize((new_width, new_height), Image.BICUBIC)
-    canvas = Image.new("RGB", (size, size))
-    canvas.paste(resized, (0, 0))
-    pixels = image_to_tensor(canvas).to(segmenter.device)
+    # The same `letterbox` as training/views.py, so region classification sees exactly the student's view.
+    pixels = image_to_tensor(letterbox(image.convert("RGB"), size)).to(segmenter.device)
     return ((pixels - segmenter.image_mean) / segmenter.image_std)[None]
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
+from declip_hf.preprocessing import letterbox
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 # §3: images smaller than this on a side are skipped.
@@ -34,8 +35,6 @@ MIN_IMAGE_SIDE = 10
 
 # Every reason an image can be skipped for; the order is the layout of the per-batch "skipped" count tensor.
 SKIP_REASONS = ("undecodable", "truncated", "too_large", "missing", "tiny", "mode")
-
-_BICUBIC = PIL.Image.Resampling.BICUBIC
 
 
 class UnusableImage(ValueError):
@@ -168,22 +167,6 @@ def grid_cells(width: int, height: int, rows: int, columns: int) -> list[tuple[i
     ]
     # Cells are only empty when an image has fewer pixels than grid lines (max_split > 10 on a tiny image).
     return [cell for cell in cells if cell[2] > cell[0] and cell[3] > cell[1]]
-
-
-def letterbox(image: PIL.Image.Image, size: int, centred: bool) -> PIL.Image.Image:
-    """Resize the longest side to `size` (bicubic) and pad with black to a `size` square.
-
-    `centred` puts the left/top padding at floor(pad / 2) (teacher crops); otherwise the image sits top-left and the
-    padding is right/bottom (student and VFM views).
-    """
-    width, height = image.size
-    scale = size / max(width, height)
-    new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = image.resize((new_width, new_height), _BICUBIC)
-    left, top = ((size - new_width) // 2, (size - new_height) // 2) if centred else (0, 0)
-    canvas = PIL.Image.new("RGB", (size, size))  # black: pixel value 0 before normalisation
-    canvas.paste(resized, (left, top))
-    return canvas
 
 
 def normalise(images: list[PIL.Image.Image], mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
