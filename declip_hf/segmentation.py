@@ -5,7 +5,6 @@ ImageNet templates), over sliding windows, then softmax over the names; a class 
 over them. Inference follows the SCLIP / mmseg `slide_inference` code the training-free literature reports with.
 """
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,11 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, PretrainedConfig
-from transformers.image_processing_base import ImageProcessingMixin
 from transformers.utils import ModelOutput
-from transformers.utils import logging as transformers_logging
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from .loading_utils import image_normalisation, quiet_transformers
 from .modeling_declip import DeCLIPVisionModel
 from .prompts import OPENAI_IMAGENET_TEMPLATES
 
@@ -168,17 +166,6 @@ def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Ten
     return image.float() / 255 if image.dtype == torch.uint8 else image.float()
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Loading one tower from a two-tower CLIP checkpoint lists every weight of the other one as unexpected."""
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-
-
 def _text_tower_subfolder(name_or_path: str, hub_kwargs: dict) -> str:
     """Where a checkpoint keeps its CLIP text tower: DeCLIP folders under `text_encoder/`, CLIP ones at the root."""
     for subfolder in (TEXT_ENCODER_SUBFOLDER, ""):
@@ -198,7 +185,7 @@ def _text_tower_subfolder(name_or_path: str, hub_kwargs: dict) -> str:
 
 def _load_text_tower(name_or_path: str, hub_kwargs: dict) -> tuple[CLIPTextModelWithProjection, object]:
     subfolder = _text_tower_subfolder(str(name_or_path), hub_kwargs)
-    with _quiet_transformers():
+    with quiet_transformers():
         text_model, loading_info = CLIPTextModelWithProjection.from_pretrained(
             name_or_path, subfolder=subfolder, output_loading_info=True, **hub_kwargs
         )
@@ -206,15 +193,6 @@ def _load_text_tower(name_or_path: str, hub_kwargs: dict) -> tuple[CLIPTextModel
         raise ValueError(f"Text tower of {name_or_path!r} lacks weights: {sorted(loading_info['missing_keys'])[:5]}...")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=subfolder, **hub_kwargs)
     return text_model.eval(), tokenizer
-
-
-def _image_normalisation(name_or_path: str, hub_kwargs: dict) -> tuple[list[float], list[float]]:
-    """The checkpoint's image mean/std (its image-processor config), CLIP's when it has none."""
-    try:
-        processor_dict, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path, **hub_kwargs)
-    except OSError:
-        return list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
-    return processor_dict.get("image_mean", OPENAI_CLIP_MEAN), processor_dict.get("image_std", OPENAI_CLIP_STD)
 
 
 class DeCLIPSegmenter(nn.Module):
@@ -266,14 +244,14 @@ class DeCLIPSegmenter(nn.Module):
         (e.g. `decoupled_attention="csa"`, `dtype=torch.float16`).
         """
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-        with _quiet_transformers():
+        with quiet_transformers():
             vision_model = DeCLIPVisionModel.from_pretrained(name_or_path, **kwargs)
         if text_model is None or isinstance(text_model, str):
             text_model, found_tokenizer = _load_text_tower(text_model or name_or_path, hub_kwargs)
             tokenizer = tokenizer or found_tokenizer
         elif tokenizer is None:
             raise ValueError("Pass the `tokenizer` that goes with the given `text_model`.")
-        image_mean, image_std = _image_normalisation(name_or_path, hub_kwargs)
+        image_mean, image_std = image_normalisation(name_or_path, **hub_kwargs)
         return cls(vision_model.eval(), text_model.eval(), tokenizer, image_mean, image_std)
 
     @property

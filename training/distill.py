@@ -18,7 +18,6 @@ import os
 import shlex
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +32,12 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, PretrainedConfig
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import declip_hf
 from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPDenseOutput, DeCLIPVisionConfig, DeCLIPVisionModel
+from declip_hf.loading_utils import image_normalisation, quiet_transformers
 from training.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from training.data import (
     ImageViewsDataset,
@@ -234,8 +234,8 @@ def _check_numbers(args: argparse.Namespace, student_config: DeCLIPVisionConfig)
 
 
 def _view_config(args: argparse.Namespace, student_config, vfm_config) -> ViewConfig:
-    clip_mean, clip_std = _normalisation(args.student, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    vfm_mean, vfm_std = _normalisation(args.vfm, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    clip_mean, clip_std = image_normalisation(args.student)
+    vfm_mean, vfm_std = image_normalisation(args.vfm, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     try:
         return ViewConfig(
             student_size=args.student_size,
@@ -251,15 +251,6 @@ def _view_config(args: argparse.Namespace, student_config, vfm_config) -> ViewCo
         )
     except ValueError as error:
         raise ValueError(f"--student_size/--teacher_size/--max_split/--max_crops: {error}") from error
-
-
-def _normalisation(checkpoint: str, default_mean, default_std) -> tuple[tuple, tuple]:
-    """The mean/std of the checkpoint's image processor config, or the given defaults if it has none."""
-    try:
-        processor = AutoImageProcessor.from_pretrained(checkpoint)
-        return tuple(processor.image_mean), tuple(processor.image_std)
-    except (OSError, ValueError, TypeError):
-        return tuple(default_mean), tuple(default_std)
 
 
 def _declared_size(stream, split: str) -> int | None:
@@ -281,20 +272,6 @@ class DenseStudent(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> DeCLIPDenseOutput:
         return self.model.get_dense_features(pixel_values)
-
-
-@contextmanager
-def quiet_transformers():
-    """No loading reports: a CLIPModel checkpoint's text weights are expected to go unused by the vision models."""
-    verbosity, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
 
 
 def build_models(args: argparse.Namespace, device: torch.device):
