@@ -19,6 +19,7 @@ from transformers import (
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
 )
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 TINY_CLIP_IMAGE_SIZE = 32
 TINY_CLIP_PATCH_SIZE = 4
@@ -76,5 +77,11 @@ def save_tiny_dinov2(path: str | Path, num_register_tokens: int = 0, seed: int =
     else:
         model = Dinov2Model(Dinov2Config(**tower))
     model.save_pretrained(path)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    # facebook/dinov2-* configs carry ImageNet statistics; BitImageProcessor's own defaults are CLIP's.
+    BitImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=IMAGENET_DEFAULT_MEAN,
+        image_std=IMAGENET_DEFAULT_STD,
+    ).save_pretrained(path)
     return path
