@@ -1,4 +1,4 @@
-"""Speed and memory of one DeCLIP distillation step on the CPU (DeCLIP, CVPR 2025; method notes sections 3-5).
+"""Speed and memory of one DeCLIP distillation step on the CPU (DeCLIP, CVPR 2025; docs/method.md §3-5).
 
 The real recipe's shapes with random weights built from configs (nothing is downloaded): a ViT-B/16 student at
 560 px, 20 teacher crops of 224 px per image, a DINOv2-B VFM at 490 px, batch 2. Each variant runs in its own

@@ -1,4 +1,4 @@
-"""Benchmark specs for DeCLIP's training-free evaluation (DeCLIP, CVPR 2025; method notes section 6).
+"""Benchmark specs for DeCLIP's training-free evaluation (DeCLIP, CVPR 2025; docs/method.md §6).
 
 A spec says where a split lives (anything `datasets.load_dataset` reads: a Hub id, or a builder such as `parquet`
 with `data_files`), which columns hold the image and its label map, the class names, how raw label values map to
@@ -232,7 +232,7 @@ class RegionBenchmark(_YamlSpec):
         segments_column (`str`, *optional*, defaults to `"segments_info"`): List of `{"id", "category_id"}` dicts
             (optionally `"iscrowd"`, `"isthing"`; `isthing` is otherwise read from `categories`).
         image_size (`int`, *optional*, defaults to 560): The longest side is resized to it and the image padded to
-            a square, as in the student view of training (method notes sections 3 and 7: 560 px for ViT-B/16).
+            a square, as in the student view of training (docs/method.md §3 and §7: 560 px for ViT-B/16).
     """
 
     name: str

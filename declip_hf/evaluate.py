@@ -1,5 +1,5 @@
 """Evaluate a DeCLIP (or CLIP) checkpoint: training-free segmentation mIoU on the 8 benchmarks of DeCLIP (CVPR 2025,
-method notes section 6) and region classification (box and mask) on COCO-panoptic-style data.
+docs/method.md §6) and region classification (box and mask) on COCO-panoptic-style data.
 
     python -m declip_hf.evaluate --model PATH_OR_ID --benchmarks voc21,context60 --output results.json
 
@@ -45,7 +45,7 @@ from .segmentation import ClassEmbeddings, DeCLIPSegmenter, image_to_tensor, spl
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = "DeCLIP training-free segmentation (method notes §6)"
+PROTOCOL = "DeCLIP training-free segmentation (docs/method.md §6)"
 
 PRECISIONS = {
     "fp32": lambda device_type: contextlib.nullcontext(),
@@ -294,7 +294,7 @@ def panoptic_regions(panoptic: Image.Image, segments, category_to_class: dict, s
 
 
 def padded_square_view(image: Image.Image, size: int, segmenter: DeCLIPSegmenter) -> torch.Tensor:
-    """The student view of training (method notes section 3): longest side to `size` (bicubic), black padding
+    """The student view of training (docs/method.md §3): longest side to `size` (bicubic), black padding
     right and bottom to a square, then normalised. (1, 3, size, size)."""
     # The same `letterbox` as training/views.py, so region classification sees exactly the student's view.
     pixels = image_to_tensor(letterbox(image.convert("RGB"), size)).to(segmenter.device)

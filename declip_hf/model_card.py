@@ -20,7 +20,7 @@ PIPELINE_TAG = "image-feature-extraction"
 # Licences of the CLIP families a DeCLIP student starts from; anything else must be given with --license.
 BASE_MODEL_LICENSES = {"openai/clip-vit-": "mit", "laion/CLIP-ViT-": "mit"}
 
-# Paper (section 7 of the method notes): training-free segmentation mIoU of DeCLIP ViT-B/16 (EVA02-CLIP start),
+# Paper (docs/method.md §7): training-free segmentation mIoU of DeCLIP ViT-B/16 (EVA02-CLIP start),
 # keyed by the built-in benchmark names of `declip_hf.benchmarks.SEGMENTATION_BENCHMARKS`, in the paper's column order.
 PAPER_SEGMENTATION_MIOU = {
     "voc21": 59.7,

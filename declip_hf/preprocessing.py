@@ -1,4 +1,4 @@
-"""Image preprocessing shared by DeCLIP's training views and its evaluation (method notes section 3)."""
+"""Image preprocessing shared by DeCLIP's training views and its evaluation (docs/method.md §3)."""
 
 from PIL import Image
 

@@ -1,6 +1,6 @@
 """The 80 prompt templates OpenAI used for zero-shot ImageNet (CLIP, "Prompt_Engineering_for_ImageNet.ipynb").
 
-DeCLIP's training-free segmentation protocol (method notes section 6) embeds every class name with all of them and
+DeCLIP's training-free segmentation protocol (docs/method.md §6) embeds every class name with all of them and
 averages the normalised embeddings.
 """
 

@@ -1,4 +1,4 @@
-"""Region and mask pooling over DeCLIP's dense feature maps (DeCLIP, CVPR 2025, method notes section 2)."""
+"""Region and mask pooling over DeCLIP's dense feature maps (DeCLIP, CVPR 2025, docs/method.md §2)."""
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ def pool_masks(dense_embeds: torch.Tensor, masks: list[torch.Tensor]) -> torch.T
     _, _, grid_height, grid_width = dense_embeds.shape
     pooled = []
     for image_features, image_masks in zip(dense_embeds.float(), masks):
-        # The method notes only say "resized". Area resizing weighs each patch by the share of it the mask covers,
+        # docs/method.md only says "resized". Area resizing weighs each patch by the share of it the mask covers,
         # so a mask smaller than a patch still counts; bilinear sampling reads about one pixel in sixteen per patch
         # and can miss it entirely (its feature would be zero).
         weights = F.interpolate(

@@ -1,4 +1,4 @@
-"""Open-vocabulary semantic segmentation with DeCLIP's dense features (DeCLIP, CVPR 2025; method notes section 6).
+"""Open-vocabulary semantic segmentation with DeCLIP's dense features (DeCLIP, CVPR 2025; docs/method.md §6).
 
 Training-free: every patch's content feature is compared with text embeddings of the class names (the 80 OpenAI
 ImageNet templates), over sliding windows, then softmax over the names; a class with several names takes the max

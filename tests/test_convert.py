@@ -58,7 +58,7 @@ def random_open_clip(architecture: dict) -> CLIP:
 
 
 def declip_dense_reference(model: CLIP, pixel_values: torch.Tensor) -> torch.Tensor:
-    """DeCLIP's `csa` content features computed plainly from open_clip's own modules and tensors (method notes §1)."""
+    """DeCLIP's `csa` content features computed plainly from open_clip's own modules and tensors (docs/method.md §1)."""
     visual = model.visual
     captured = {}
     last = visual.transformer.resblocks[-1]

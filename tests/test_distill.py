@@ -69,7 +69,7 @@ def _logs(run_dir: Path) -> list[dict]:
 
 
 def _expected_frozen(name: str, mode: str, last: int) -> bool:
-    """The rule of method §5 plus the last layer's parts the decoupled path never reads, written out plainly."""
+    """The rule of docs/method.md §5 plus the last layer's parts the decoupled path never reads, written out plainly."""
     if not name.startswith("encoder.layers."):
         return True  # embeddings, pre_layrnorm, post_layernorm, visual_projection
     layer = int(name.split(".")[2])

@@ -1,4 +1,4 @@
-"""DeCLIP's losses and frozen teachers against plainly written computations (method notes section 4)."""
+"""DeCLIP's losses and frozen teachers against plainly written computations (docs/method.md §4)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""DeCLIPVisionModel against computations written out plainly from the method notes (section 1 and 2)."""
+"""DeCLIPVisionModel against computations written out plainly from docs/method.md (section 1 and 2)."""
 
 import copy
 import math
@@ -252,7 +252,7 @@ def test_forward_and_image_features_equal_plain_clip(height, width):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Region and mask pooling (method notes section 2)
+# Region and mask pooling (docs/method.md §2)
 # --------------------------------------------------------------------------------------------------------------------
 
 

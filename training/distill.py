@@ -1,4 +1,4 @@
-"""DeCLIP distillation with Accelerate (CVPR 2025, arXiv 2505.04410; method notes sections 3-5).
+"""DeCLIP distillation with Accelerate (CVPR 2025, arXiv 2505.04410; docs/method.md §3-5).
 
 Turns a CLIP into a DeCLIP: the student's decoupled last layer learns content from the frozen starting CLIP (RoI
 features of grid crops vs. the teacher's crop embeddings) and context from a frozen DINOv2 (patch correlations).
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--vfm", help="The frozen context teacher: Hub id or folder of a Dinov2Model or Dinov2WithRegistersModel "
         "(e.g. facebook/dinov2-base). Its CLS and register tokens are dropped.")
     add("--decoupled_attention", default="qq", choices=TRAINABLE_ATTENTION_MODES,
-        help="The decoupled last layer's attention (method §1): qq, kk, vv, csa (qq + kk weights) or all.")
+        help="The decoupled last layer's attention (docs/method.md §1): qq, kk, vv, csa (qq + kk weights) or all.")
     add("--frozen_dtype", default="float32", choices=tuple(FROZEN_DTYPES),
         help="Precision of the frozen teacher and VFM weights (bfloat16/float16 halve their memory).")
     # Data
@@ -93,16 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--images_per_epoch", type=int, help="Images in one epoch, to size the schedule when --max_steps is not "
         "given and the dataset does not declare its size (e.g. 118287 for COCO train2017).")
     add("--dataloader_num_workers", type=int, default=2, help="Dataloader worker processes per training process.")
-    # Views (method §3)
+    # Views (docs/method.md §3)
     add("--student_size", type=int, default=560, help="Side of the square student view; a multiple of the "
         "student's patch size. The VFM view gets the same patch grid.")
     add("--teacher_size", type=int, help="Side of the teacher's crops (default: the checkpoint's image size, 224).")
     add("--max_split", type=int, default=6, help="Largest number of grid rows/columns for the crops.")
     add("--max_crops", type=int, default=20, help="Crops kept per image.")
-    # Losses (method §4)
+    # Losses (docs/method.md §4)
     add("--content_weight", type=float, default=1.0, help="Weight of the content (self-distillation) loss.")
     add("--context_weight", type=float, default=0.1, help="Weight of the context (VFM distillation) loss.")
-    # Optimisation (method §5)
+    # Optimisation (docs/method.md §5)
     add("--lr", type=float, default=1e-5, help="Learning rate for a total batch of 16 images (see --lr_scaling).")
     add("--lr_scaling", default="linear", choices=tuple(LR_SCALINGS), help="linear: the lr used is "
         "lr * total_batch / 16, total_batch = per-device batch x processes x accumulation; none: lr as given.")
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Outputs
     add("--output_dir", default="outputs/declip", help="RUN_DIR: model/, checkpoints/, logs.jsonl, training_args.json.")
     add("--ensemble_alpha", type=float, default=1.0, help="Saved weights = alpha * student + (1 - alpha) * starting "
-        "CLIP (method §5; the reference scripts use 0.7); 1.0 saves the student as is.")
+        "CLIP (docs/method.md §5; the reference scripts use 0.7); 1.0 saves the student as is.")
     add("--checkpointing_steps", type=int, help="Save a resumable checkpoint every N updates (default: never).")
     add("--checkpoints_total_limit", type=int, default=2, help="Keep only the newest N checkpoints.")
     add("--resume_from_checkpoint", help="'latest' (newest completed checkpoint in RUN_DIR/checkpoints, or a fresh "

@@ -1,5 +1,5 @@
-"""The distilled model folder (`RUN_DIR/model/`): weights with DeCLIP's weight-space ensembling (method notes
-section 5), config with the mode, code and `auto_map` for `trust_remote_code`, an image processor and, when the
+"""The distilled model folder (`RUN_DIR/model/`): weights with DeCLIP's weight-space ensembling (docs/method.md
+§5), config with the mode, code and `auto_map` for `trust_remote_code`, an image processor and, when the
 starting checkpoint had one, its text tower, so the folder alone is enough for zero-shot segmentation.
 """
 

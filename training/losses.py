@@ -1,4 +1,4 @@
-"""DeCLIP's two distillation losses (CVPR 2025, arXiv 2505.04410; method notes section 4).
+"""DeCLIP's two distillation losses (CVPR 2025, arXiv 2505.04410; docs/method.md §4).
 
 - Content (self-distillation): RoI features of the student's dense content map should match the frozen CLIP
   teacher's image embedding of the same crop.

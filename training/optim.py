@@ -1,4 +1,4 @@
-"""What DeCLIP trains and how (method notes section 5): the trainable set, AdamW groups and the warmup-cosine
+"""What DeCLIP trains and how (docs/method.md §5): the trainable set, AdamW groups and the warmup-cosine
 schedule."""
 
 import math

@@ -1,4 +1,4 @@
-"""The frozen teachers of DeCLIP's distillation (method notes section 4): the starting CLIP, which embeds the grid
+"""The frozen teachers of DeCLIP's distillation (docs/method.md §4): the starting CLIP, which embeds the grid
 crops for the content loss, and a DINOv2 vision foundation model (VFM), whose patch tokens give the context loss.
 
 Both run in eval mode without gradients, optionally in half precision, and are never wrapped by Accelerate: they

@@ -4,7 +4,7 @@ From a decoded RGB image: the student view (letterboxed, CLIP-normalised), up to
 frozen CLIP teacher together with their boxes in the student frame, and the VFM view whose patch grid equals the
 student's.
 
-Choices where the method page is silent, following the authors' recipe (CLIPSelf / DeCLIP `GridDistillDataset`
+Choices where docs/method.md is silent, following the authors' recipe (CLIPSelf / DeCLIP `GridDistillDataset`
 with open_clip's `ResizeLongest` / `ResizeMaxSize` transforms) unless said otherwise:
 
 - Resized sizes are `round(side * target / longest_side)` (Python's `round`, as open_clip does), at least 1 px.
