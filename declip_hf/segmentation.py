@@ -184,7 +184,9 @@ def check_inference_settings(
     if background_threshold is not None and not (
         isinstance(background_threshold, numbers.Real) and 0 <= background_threshold <= 1
     ):
-        raise ValueError(f"{spell('background_threshold')} must lie in [0, 1] (or be unset), got {background_threshold!r}.")
+        raise ValueError(
+            f"{spell('background_threshold')} must lie in [0, 1] (or be unset), got {background_threshold!r}."
+        )
 
 
 _CHECK_WEIGHTS = "Check the checkpoint's weights (a diverged training run saves NaN tensors)."
