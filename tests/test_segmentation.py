@@ -351,7 +351,7 @@ def test_towers_lacking_weights_are_errors_and_a_full_load_is_quiet(tmp_path, ti
         DeCLIPSegmenter.from_pretrained(tiny_clip_dir, text_model=str(tiny_dinov2_dir))
 
 
-def test_text_tower_of_another_clip_is_refused(tmp_path, tiny_clip_dir):
+def test_text_tower_and_tokenizer_of_another_clip_are_refused(tmp_path, tiny_clip_dir):
     from declip_hf.tiny import tiny_clip_config, tiny_clip_tokenizer
 
     other = tmp_path / "other_clip"
@@ -359,6 +359,13 @@ def test_text_tower_of_another_clip_is_refused(tmp_path, tiny_clip_dir):
     tiny_clip_tokenizer().save_pretrained(other)
     with pytest.raises(ValueError, match="projects to 24 dimensions but the text tower to 16"):
         DeCLIPSegmenter.from_pretrained(tiny_clip_dir, text_model=str(other))
+    # A tokenizer with more tokens than the text tower embeds would fail (or read garbage) at the first prompt.
+    release = save_release(tmp_path / "release", tiny_clip_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    tokenizer.add_tokens(["<an-extra-token>"])
+    tokenizer.save_pretrained(release / "text_encoder")
+    with pytest.raises(ValueError, match=r"tokenizer of .* has \d+ tokens but its text tower embeds only"):
+        DeCLIPSegmenter.from_pretrained(release)
 
 
 def test_settings_that_leave_pixels_unscored_are_refused(segmenter):
