@@ -8,7 +8,11 @@ Bad input never turns into a silently wrong number:
   error, naming the sample (the spec's class list or label mapping is wrong, so every number would be);
 - an image and label map of different sizes, or an undecodable image: the sample is skipped, warned about and
   counted under `skipped` in the results;
-- a split with no usable sample: error.
+- a split with no usable sample: error;
+- a NaN or inf score (e.g. a checkpoint with NaN weights), a spec whose stride exceeds its window or whose logit
+  scale is not finite, repeated or shared class names: error, never a number.
+Every error ends the command with one `error: ...` line and exit status 2; spec, flag, dataset-path and output
+problems are found before the model loads, and a checkpoint lacking weights (or not a CLIP) is refused as it loads.
 """
 
 import argparse
@@ -40,8 +44,8 @@ from .benchmarks import (
 )
 from .preprocessing import letterbox
 from .region_pooling import pool_boxes, pool_masks
-from .cli import add_model_arguments, load_segmenter
-from .segmentation import ClassEmbeddings, DeCLIPSegmenter, image_to_tensor, split_class_names
+from .cli import add_model_arguments, check_model_arguments, exits_on_user_error, load_segmenter, make_parser
+from .segmentation import ClassEmbeddings, DeCLIPSegmenter, image_to_tensor, require_finite, split_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -328,10 +332,11 @@ def classify_regions(
             "box": pool_boxes(dense_embeds, [regions.boxes]),
             "mask": pool_masks(dense_embeds, [regions.masks.to(segmenter.device)]),
         }
-    return {
-        kind: classes.max_over_names(embeds @ classes.name_embeds.T, dim=1).argmax(dim=1).cpu()
-        for kind, embeds in pooled.items()
-    }
+    predictions = {}
+    for kind, embeds in pooled.items():
+        scores = require_finite(embeds @ classes.name_embeds.T, f"The {kind}-pooled region scores")  # (K, names)
+        predictions[kind] = classes.max_over_names(scores, dim=1).argmax(dim=1).cpu()
+    return predictions
 
 
 def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_images=None) -> dict:
@@ -378,7 +383,7 @@ def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_imag
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_model_arguments(parser)
     parser.add_argument("--benchmarks", default=",".join(SEGMENTATION_BENCHMARKS),
                         help=f"Comma-separated built-in names ({', '.join(SEGMENTATION_BENCHMARKS)}) "
@@ -441,12 +446,23 @@ def write_results(results: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(results, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The flags that can be checked before the model loads (the specs check themselves as they are built)."""
+    check_model_arguments(args)
+    if args.max_images is not None and args.max_images <= 0:
+        raise ValueError(f"--max-images must be a positive integer, got {args.max_images}.")
+    if Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output!r} is a folder; give the path of the results JSON file.")
+
+
+@exits_on_user_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_arguments(args)
     segmentation_specs = _specs(args.benchmarks, get_segmentation_benchmark)
     region_specs = _specs(args.region_benchmark, get_region_benchmark)
     if not segmentation_specs and not region_specs:
-        raise SystemExit("Nothing to evaluate: --benchmarks and --region-benchmark are both empty.")
+        raise ValueError("Nothing to evaluate: --benchmarks and --region-benchmark are both empty.")
     for spec in segmentation_specs + region_specs:
         _apply_overrides(spec, args)
     segmenter = load_segmenter(args)

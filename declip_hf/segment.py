@@ -1,21 +1,22 @@
 """Demo: segment one image into the given words with DeCLIP and save a colour overlay with a legend.
 
-    python -m declip_hf.segment street.jpg --labels "road,car;vehicle,person,sky" --out overlay.png
+    python -m declip_hf.segment street.jpg --labels "road,car;vehicle,person,sky" --out overlay.png --model PATH_OR_ID
 
-Works with any compatible checkpoint (a DeCLIP release or a plain CLIP, local folder or Hub id).
+--model is any compatible checkpoint: a DeCLIP model you trained or released (local folder or Hub id), or a plain
+CLIP such as openai/clip-vit-base-patch16 for the baseline. The image, labels, settings and output path are
+checked before the model loads; a mistake ends with one `error: ...` line and exit status 2.
 """
 
 import argparse
 import colorsys
+import os
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .cli import add_model_arguments, load_segmenter
-from .segmentation import split_class_names
-
-# The ViT-B/16 DeCLIP release; any CLIP-compatible checkpoint works, e.g. "openai/clip-vit-base-patch16".
-DEFAULT_MODEL = "declip-hf/declip-vitb16"
+from .cli import add_model_arguments, check_model_arguments, exits_on_user_error, flag, load_segmenter, make_parser
+from .segmentation import check_inference_settings, split_class_names
 
 # Distinct, saturated colours for the first classes (Tableau 10), then evenly spaced hues.
 _BASE_PALETTE = (
@@ -60,15 +61,15 @@ def add_legend(overlay: Image.Image, names: list[str], colours, areas: list[floa
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("image", help="Input image file.")
     parser.add_argument("--labels", required=True,
                         help='Comma-separated classes; names of one class separated by ";" (e.g. "car;vehicle").')
-    parser.add_argument("--out", default="overlay.png", help="Output PNG: the overlay with a legend.")
-    add_model_arguments(parser, default_model=DEFAULT_MODEL)
+    parser.add_argument("--out", default="overlay.png", help="Output image (PNG advised): the overlay with a legend.")
+    add_model_arguments(parser)
     parser.add_argument("--shorter-side", type=int, default=448, help="Resize the shorter image side to this.")
     parser.add_argument("--window", type=int, default=336, help="Sliding-window size in pixels.")
-    parser.add_argument("--stride", type=int, default=112, help="Sliding-window stride in pixels.")
+    parser.add_argument("--stride", type=int, default=112, help="Sliding-window stride in pixels (<= --window).")
     parser.add_argument("--logit-scale", type=float, default=40.0,
                         help="Scale of the cosine similarities before the softmax.")
     parser.add_argument("--min-probability", type=float, default=None,
@@ -76,11 +77,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_image(path: str) -> Image.Image:
+    """The RGB image at `path`, decoded in full now, so a bad file fails before the model loads."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"Cannot read the image {path!r}: {error}") from None
+
+
+def check_output_path(path: str) -> None:
+    """`--out` must name a writable file in an existing folder, with an image extension PIL can write."""
+    if Image.registered_extensions().get(Path(path).suffix.lower()) not in Image.SAVE:
+        raise ValueError(f"--out {path!r}: give an image file name PIL can write, such as overlay.png.")
+    folder = Path(path).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or Path(path).is_dir():
+        raise ValueError(f"--out {path!r}: {str(folder)!r} is not a writable folder (create it first).")
+
+
+def check_arguments(args: argparse.Namespace) -> list[str]:
+    """Everything that can be checked before the model loads; returns the class list of --labels."""
+    class_names = [entry for entry in args.labels.split(",") if entry.strip()]
+    split_class_names(class_names)  # empty, repeated or shared names
+    check_inference_settings(shorter_side=args.shorter_side, window=args.window, stride=args.stride,
+                             logit_scale=args.logit_scale, spell=flag)
+    if args.min_probability is not None and not 0 <= args.min_probability <= 1:
+        raise ValueError(f"--min-probability must lie in [0, 1], got {args.min_probability}.")
+    check_model_arguments(args)
+    check_output_path(args.out)
+    return class_names
+
+
+@exits_on_user_error
 def main(argv=None) -> Image.Image:
     args = parse_args(argv)
-    class_names = [entry for entry in args.labels.split(",") if entry.strip()]
+    class_names = check_arguments(args)
+    image = read_image(args.image)
     segmenter = load_segmenter(args)
-    image = Image.open(args.image).convert("RGB")
     output = segmenter(
         [image], class_names, shorter_side=args.shorter_side, window=args.window, stride=args.stride,
         logit_scale=args.logit_scale, return_probabilities=True, windows_per_batch=args.windows_per_batch,

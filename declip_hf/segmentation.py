@@ -5,6 +5,9 @@ ImageNet templates), over sliding windows, then softmax over the names; a class 
 over them. Inference follows the SCLIP / mmseg `slide_inference` code the training-free literature reports with.
 """
 
+import math
+import numbers
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,6 +59,20 @@ class ClassEmbeddings(ModelOutput):
     def num_classes(self) -> int:
         return int(self.name_to_class.max()) + 1
 
+    def check(self) -> None:
+        """Raise a ValueError unless every name has an embedding, classes are numbered 0..C-1 with at least one
+        name each (`max_over_names` relies on it), and the embeddings are finite."""
+        if self.name_embeds.ndim != 2 or self.name_to_class.shape != (len(self.name_embeds),):
+            raise ValueError(
+                f"name_embeds {tuple(self.name_embeds.shape)} and name_to_class {tuple(self.name_to_class.shape)} "
+                "must be (num_names, dim) and (num_names,)."
+            )
+        name_to_class = self.name_to_class.cpu()
+        names_per_class = torch.bincount(name_to_class) if len(name_to_class) and name_to_class.min() >= 0 else None
+        if names_per_class is None or (names_per_class == 0).any():
+            raise ValueError(f"Every class 0..C-1 needs at least one name; got name_to_class {name_to_class.tolist()}.")
+        require_finite(self.name_embeds, "The class-name embeddings")
+
     def max_over_names(self, name_scores: torch.Tensor, dim: int) -> torch.Tensor:
         """Per-class scores from per-name scores along `dim`: a class with several names scores their max."""
         num_classes = self.num_classes  # name_to_class lives on the CPU: no device sync
@@ -81,25 +98,113 @@ class SlideInferenceOutput(ModelOutput):
     count_map: torch.FloatTensor | None = None
 
 
+def _normalised_name(name: str) -> str:
+    """The key under which two names embed identically: CLIP's tokenizer lower-cases and collapses whitespace."""
+    return " ".join(name.lower().split())
+
+
+def _names_of_entry(index: int, entry) -> tuple[str, ...]:
+    if isinstance(entry, str):
+        names = entry.split(";")
+    elif isinstance(entry, Sequence) and all(isinstance(name, str) for name in entry):
+        names = list(entry)
+    else:
+        raise ValueError(f"Class {index} is {entry!r}: give each class as a string or a list of strings.")
+    names = tuple(name.strip() for name in names if name.strip())
+    if not names:
+        raise ValueError(f"Class {index} ({entry!r}) holds no name.")
+    return names
+
+
+def _check_names_are_unique(classes: list[tuple[str, ...]]) -> None:
+    """Each name may belong to one class, once: a repeated class ties with its first copy everywhere (the argmax
+    keeps the first, so the copy is never predicted), and a name shared by two classes ties them wherever it wins."""
+    owners: dict[str, list[int]] = {}
+    for index, names in enumerate(classes):
+        for name in names:
+            owners.setdefault(_normalised_name(name), []).append(index)
+    repeated = {name: indices for name, indices in owners.items() if len(indices) > 1}
+    if repeated:
+        listed = "; ".join(f"{name!r} in classes {indices}" for name, indices in list(repeated.items())[:5])
+        raise ValueError(
+            f"Class names must be unique (case and spacing ignored, as CLIP's tokenizer does): {listed}. "
+            "A repeated class could never be predicted and a shared name ties its classes; merge synonyms into "
+            "one class (\"person; people\") and drop the repeats."
+        )
+
+
 def split_class_names(class_names: Sequence[str | Sequence[str]]) -> list[tuple[str, ...]]:
-    """One tuple of names per class: `"person; people"` and `["person", "people"]` both give two names."""
-    classes = []
-    for entry in class_names:
-        names = entry.split(";") if isinstance(entry, str) else list(entry)
-        names = tuple(name.strip() for name in names if name.strip())
-        if not names:
-            raise ValueError(f"Class entry {entry!r} holds no name.")
-        classes.append(names)
+    """One tuple of names per class: `"person; people"` and `["person", "people"]` both give two names.
+
+    `class_names` must be a list (or tuple) with one entry per class; a bare string is refused rather than read
+    letter by letter. Every name must be unique across the whole list (see `_check_names_are_unique`).
+    """
+    if isinstance(class_names, str):
+        raise ValueError(
+            f"Class names must be a list with one entry per class, got the string {class_names!r}; "
+            f"pass [{class_names!r}] for one class, or a list such as ['cat', 'dog; puppy']."
+        )
+    classes = [_names_of_entry(index, entry) for index, entry in enumerate(class_names)]
     if not classes:
         raise ValueError("Got an empty class list.")
+    _check_names_are_unique(classes)
     return classes
+
+
+def _require_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def check_inference_settings(
+    shorter_side: int = 448,
+    max_longer_side: int = 2048,
+    window: int = 336,
+    stride: int = 112,
+    logit_scale: float = 40.0,
+    background_threshold: float | None = None,
+    spell: Callable[[str], str] = str,
+) -> None:
+    """Raise a ValueError naming the setting (as `spell(name)` writes it, e.g. a CLI flag) when it cannot give
+    finite, fully covered scores: sizes must be positive integers, `stride <= window` (a larger stride leaves
+    pixels between windows that no window covers), `logit_scale` finite and positive, `background_threshold` in
+    [0, 1]."""
+    for name, value in (("shorter_side", shorter_side), ("max_longer_side", max_longer_side), ("window", window),
+                        ("stride", stride)):
+        _require_positive_int(spell(name), value)
+    if stride > window:
+        raise ValueError(
+            f"{spell('stride')} ({stride}) is larger than {spell('window')} ({window}): the pixels between two "
+            f"windows would be covered by none. Use {spell('stride')} <= {spell('window')} (the protocol: 336, 112)."
+        )
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real) or not (
+        math.isfinite(logit_scale) and logit_scale > 0
+    ):
+        raise ValueError(f"{spell('logit_scale')} must be a finite positive number, got {logit_scale!r}.")
+    if background_threshold is not None and not (
+        isinstance(background_threshold, numbers.Real) and 0 <= background_threshold <= 1
+    ):
+        raise ValueError(
+            f"{spell('background_threshold')} must lie in [0, 1] (or be unset), got {background_threshold!r}."
+        )
+
+
+_CHECK_WEIGHTS = "Check the checkpoint's weights (a diverged training run saves NaN tensors)."
+
+
+def require_finite(tensor: torch.Tensor, what: str, fix: str = _CHECK_WEIGHTS) -> torch.Tensor:
+    """`tensor`, or a ValueError when it holds NaN or inf: a non-finite score must never become a label or a metric."""
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{what} hold NaN or inf values, so no prediction is made from them. {fix}")
+    return tensor
 
 
 def sliding_windows(height: int, width: int, window: int, stride: int) -> list[tuple[int, int, int, int]]:
     """mmseg's `slide_inference` grid: windows (y1, y2, x1, x2) start every `stride` pixels and the last one is
     shifted back inside the image, so every pixel is covered; windows shrink to the image when it is smaller."""
-    if stride <= 0 or window <= 0:
-        raise ValueError(f"window ({window}) and stride ({stride}) must be positive.")
+    if stride <= 0 or window <= 0 or stride > window:
+        raise ValueError(f"Need 0 < stride <= window, got window {window} and stride {stride}: a stride larger "
+                         "than the window leaves pixels that no window covers.")
     rows = max(height - window + stride - 1, 0) // stride + 1
     cols = max(width - window + stride - 1, 0) // stride + 1
     boxes = []
@@ -145,7 +250,8 @@ def resized_shape(height: int, width: int, shorter_side: int, max_longer_side: i
     """mmcv's keep-ratio rescale to `scale=(max_longer_side, shorter_side)`: the shorter side becomes
     `shorter_side` unless the longer side would then exceed `max_longer_side`."""
     scale = min(max_longer_side / max(height, width), shorter_side / min(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    # At least one pixel: a 1 x 5000 strip would otherwise round to height 0.
+    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
 
 
 def patch_padding(height: int, width: int, patch_size: int) -> tuple[int, int, int, int]:
@@ -154,16 +260,84 @@ def patch_padding(height: int, width: int, patch_size: int) -> tuple[int, int, i
     return pad_width // 2, pad_width - pad_width // 2, pad_height // 2, pad_height - pad_height // 2
 
 
+def _array_to_channels_first(array: np.ndarray) -> torch.Tensor:
+    """numpy images are channels last, as PIL gives them: (H, W) grey, (H, W, 1) grey or (H, W, 3) RGB."""
+    if array.ndim == 3 and array.shape[-1] in (1, 3):
+        array = array.transpose(2, 0, 1)
+    elif array.ndim != 2:
+        raise ValueError(
+            f"Expected a numpy image of shape (H, W, 3) or (H, W), got {array.shape}; drop an alpha channel with "
+            "image[..., :3], and pass channels-first data as a torch tensor."
+        )
+    if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"Expected uint8 (0-255) or float (0-1) pixels, got dtype {array.dtype}.")
+    return torch.from_numpy(np.array(array))  # a copy: PIL's arrays are read-only
+
+
 def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(3, H, W) float RGB in [0, 1] from a PIL image, an (H, W, 3) uint8 array, or a (3, H, W) tensor (uint8, or
-    float already in [0, 1])."""
+    """(3, H, W) float RGB in [0, 1] from one image:
+
+    - a PIL image of any mode (converted to RGB);
+    - a numpy array, channels last as PIL gives them: (H, W, 3) RGB, or (H, W) / (H, W, 1) grey;
+    - a torch tensor, channels first as torchvision has them: (3, H, W) RGB, or (H, W) / (1, H, W) grey.
+
+    Grey images are repeated to three channels. uint8 values are read as 0-255; floating values must lie in [0, 1]
+    (a float image in 0-255 would otherwise be silently saturated). Anything else, an alpha channel or an image
+    with no pixels included, is a ValueError saying what to pass.
+    """
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: PIL's arrays are read-only
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"Expected an RGB image as a (3, H, W) tensor, got shape {tuple(image.shape)}.")
-    return image.float() / 255 if image.dtype == torch.uint8 else image.float()
+        image = _array_to_channels_first(image)
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"Expected a PIL image, numpy array or torch tensor, got {type(image).__name__}.")
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(
+            f"Expected an image tensor of shape (3, H, W) or (H, W), got {tuple(image.shape)}; drop an alpha "
+            "channel with image[:3], and pass channels-last data as a numpy array."
+        )
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"The image has no pixels (height {image.shape[1]}, width {image.shape[2]}).")
+    image = image.expand(3, -1, -1)
+    if image.dtype == torch.uint8:
+        return image.float() / 255
+    if not image.is_floating_point():
+        raise ValueError(f"Expected uint8 (0-255) or float (0-1) pixels, got dtype {image.dtype}.")
+    image = require_finite(image.float(), "The image's pixels", fix="Pass finite values in [0, 1].")
+    if image.min() < 0 or image.max() > 1:
+        raise ValueError(
+            f"Float pixels must lie in [0, 1], got values in [{image.min().item():.4g}, {image.max().item():.4g}]; "
+            "divide 0-255 values by 255 or pass uint8."
+        )
+    return image
+
+
+def _require_all_weights(loading_info: dict, what: str, fix: str) -> None:
+    """transformers only logs missing weights (and we silence its report, see `quiet_transformers`): a tower built
+    partly at random must be an error, or every score made with it is silently meaningless."""
+    missing = sorted(loading_info["missing_keys"])
+    if missing:
+        raise ValueError(
+            f"{what} lacks {len(missing)} weight(s) ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}) "
+            f"and would be random there. {fix}"
+        )
+
+
+def _load_vision_tower(name_or_path: str, **kwargs) -> DeCLIPVisionModel:
+    # Quiet: loading the vision tower of a full CLIP checkpoint lists every text weight as unexpected.
+    with quiet_transformers():
+        vision_model, loading_info = DeCLIPVisionModel.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    _require_all_weights(
+        loading_info, f"The vision tower loaded from {str(name_or_path)!r}",
+        fix="Pass a DeCLIP or CLIP checkpoint (a DINOv2 or other ViT folder is not one).",
+    )
+    return vision_model
+
+
+# Configs a CLIP text tower loads from: a text tower's own, or a full CLIPModel's (which holds `text_config`).
+_CLIP_TEXT_MODEL_TYPES = ("clip_text_model", "clip")
 
 
 def _text_tower_subfolder(name_or_path: str, hub_kwargs: dict) -> str:
@@ -174,25 +348,58 @@ def _text_tower_subfolder(name_or_path: str, hub_kwargs: dict) -> str:
         except (OSError, ValueError):
             continue
         # Checked before loading: CLIPTextModelWithProjection would otherwise build a random tower from a vision
-        # config and only warn.
-        if config_dict.get("model_type") == "clip_text_model" or "text_config" in config_dict:
+        # (or SigLIP, ...) config and only warn.
+        if config_dict.get("model_type") in _CLIP_TEXT_MODEL_TYPES:
             return subfolder
     raise ValueError(
         f"{name_or_path!r} holds no CLIP text tower (neither a `{TEXT_ENCODER_SUBFOLDER}/` subfolder nor a CLIPModel "
-        "config at its root); pass `text_model=` a CLIP checkpoint with the matching text encoder."
+        "config at its root); pass `text_model=` (`--text-model`) a CLIP checkpoint with the matching text encoder."
     )
 
 
 def _load_text_tower(name_or_path: str, hub_kwargs: dict) -> tuple[CLIPTextModelWithProjection, object]:
     subfolder = _text_tower_subfolder(str(name_or_path), hub_kwargs)
+    # Quiet: loading the text tower of a full CLIP checkpoint lists every vision weight as unexpected.
     with quiet_transformers():
         text_model, loading_info = CLIPTextModelWithProjection.from_pretrained(
             name_or_path, subfolder=subfolder, output_loading_info=True, **hub_kwargs
         )
-    if loading_info["missing_keys"]:
-        raise ValueError(f"Text tower of {name_or_path!r} lacks weights: {sorted(loading_info['missing_keys'])[:5]}...")
+    where = f"{name_or_path}/{subfolder}" if subfolder else str(name_or_path)
+    _require_all_weights(
+        loading_info, f"The text tower loaded from {where!r}",
+        fix="Pass `text_model=` (`--text-model`) a CLIP checkpoint holding the matching text encoder.",
+    )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=subfolder, **hub_kwargs)
+    if len(tokenizer) > text_model.config.vocab_size:
+        raise ValueError(
+            f"The tokenizer of {where!r} has {len(tokenizer)} tokens but its text tower embeds only "
+            f"{text_model.config.vocab_size}; save the tokenizer that belongs to this text encoder beside it."
+        )
     return text_model.eval(), tokenizer
+
+
+def _check_towers_match(vision_model: DeCLIPVisionModel, text_model: CLIPTextModelWithProjection) -> None:
+    vision_dim, text_dim = vision_model.config.projection_dim, text_model.config.projection_dim
+    if vision_dim != text_dim:
+        raise ValueError(
+            f"The vision tower projects to {vision_dim} dimensions but the text tower to {text_dim}: they come "
+            "from different CLIP models. Pass the text encoder of the CLIP the vision model was trained from."
+        )
+
+
+def _images_to_tensors(images) -> list[torch.Tensor]:
+    """(3, H, W) tensors in [0, 1] from one image or a list (or 4-D batch) of them; errors name the bad image."""
+    if isinstance(images, Image.Image) or (isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim in (2, 3)):
+        images = [images]  # a single image
+    tensors = []
+    for index, image in enumerate(images):
+        try:
+            tensors.append(image_to_tensor(image))
+        except ValueError as error:
+            raise ValueError(f"Image {index}: {error}") from None
+    if not tensors:
+        raise ValueError("Got no images to segment; pass a list holding at least one image.")
+    return tensors
 
 
 class DeCLIPSegmenter(nn.Module):
@@ -240,17 +447,19 @@ class DeCLIPSegmenter(nn.Module):
 
         The text tower comes from `text_model` when given (a [`CLIPTextModelWithProjection`], then also pass
         `tokenizer`, or a checkpoint name/path), else from `name_or_path`'s `text_encoder/` subfolder, else from its
-        root (a plain CLIP checkpoint). Other keyword arguments go to `DeCLIPVisionModel.from_pretrained`
+        root (a plain CLIP checkpoint). A tower whose checkpoint lacks any of its weights is a ValueError, never a
+        partly random model; the "unexpected weights" of the other tower in a full CLIP checkpoint are expected and
+        not reported. Other keyword arguments go to `DeCLIPVisionModel.from_pretrained`
         (e.g. `decoupled_attention="csa"`, `dtype=torch.float16`).
         """
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-        with quiet_transformers():
-            vision_model = DeCLIPVisionModel.from_pretrained(name_or_path, **kwargs)
-        if text_model is None or isinstance(text_model, str):
+        vision_model = _load_vision_tower(name_or_path, **kwargs)
+        if text_model is None or isinstance(text_model, (str, os.PathLike)):
             text_model, found_tokenizer = _load_text_tower(text_model or name_or_path, hub_kwargs)
             tokenizer = tokenizer or found_tokenizer
         elif tokenizer is None:
             raise ValueError("Pass the `tokenizer` that goes with the given `text_model`.")
+        _check_towers_match(vision_model, text_model)
         image_mean, image_std = image_normalisation(name_or_path, **hub_kwargs)
         return cls(vision_model.eval(), text_model.eval(), tokenizer, image_mean, image_std)
 
@@ -303,22 +512,29 @@ class DeCLIPSegmenter(nn.Module):
         """Segment `images` (any sizes) into `class_names`; images of the same size are batched together.
 
         Args:
-            images: PIL images, (H, W, 3) uint8 arrays or (3, H, W) tensors.
-            class_names: one entry per class ("cat", "person; people" or ["person", "people"]), or their
-                precomputed `encode_classes` output.
+            images: a list of images, or one image: PIL images, numpy arrays (H, W, 3) or (H, W), torch tensors
+                (3, H, W) or (H, W); uint8 or float in [0, 1] (see `image_to_tensor`). A 4-D array or tensor is a
+                batch. An empty list, an image without pixels or one with an alpha channel is a ValueError.
+            class_names: a list with one entry per class ("cat", "person; people" or ["person", "people"]), or
+                its precomputed `encode_classes` output. Names must be unique across classes, and a bare string is
+                refused (see `split_class_names`).
             shorter_side, max_longer_side: test-time resize keeping the aspect ratio (see `resized_shape`).
-            window, stride: sliding window in pixels of the resized image. Each window is zero-padded (after
-                normalisation, i.e. with the mean colour) to a multiple of the patch size and its logits cropped
-                back, so any window and image size works.
-            logit_scale: multiplies the cosine similarities before the softmax over names.
-            background_threshold: if set, pixels whose highest class probability is below it get class 0 (use it
-                when class 0 is a background class).
+            window, stride: sliding window in pixels of the resized image, `0 < stride <= window`. Each window is
+                zero-padded (after normalisation, i.e. with the mean colour) to a multiple of the patch size and its
+                logits cropped back, so any window and image size works.
+            logit_scale: multiplies the cosine similarities before the softmax over names; finite and positive.
+            background_threshold: if set (in [0, 1]), pixels whose highest class probability is below it get class
+                0 (use it when class 0 is a background class).
+
+        Raises:
+            ValueError: for any setting or input above that cannot give a meaningful map, and when a score turns
+                out NaN or inf (e.g. NaN weights): a non-finite score never becomes a label.
         """
-        if isinstance(images, Image.Image) or (isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 3):
-            images = [images]  # a single image
+        check_inference_settings(shorter_side, max_longer_side, window, stride, logit_scale, background_threshold)
         classes = class_names if isinstance(class_names, ClassEmbeddings) else self.encode_classes(class_names)
+        classes.check()
         name_embeds = classes.name_embeds.to(self.device)
-        tensors = [image_to_tensor(image) for image in images]
+        tensors = _images_to_tensors(images)
         label_maps = [None] * len(tensors)
         probabilities = [None] * len(tensors) if return_probabilities else None
         for indices, resized in self._batches_of_equal_size(tensors, shorter_side, max_longer_side):
@@ -326,8 +542,10 @@ class DeCLIPSegmenter(nn.Module):
                 resized, lambda crops: self.window_logits(crops, name_embeds), window, stride,
                 num_classes=len(name_embeds), windows_per_batch=windows_per_batch,
             ).logits
+            require_finite(averaged, f"The similarity maps of images {indices}")
             for index, cosine in zip(indices, averaged):
                 class_probs = self._class_probabilities(cosine, tensors[index].shape[-2:], classes, logit_scale)
+                require_finite(class_probs, f"The class probabilities of image {index}")
                 label_maps[index] = _threshold_labels(class_probs, background_threshold)
                 if probabilities is not None:
                     probabilities[index] = class_probs.cpu()  # on the CPU, like the label maps

@@ -3,6 +3,7 @@ command end to end on small local datasets in the Hub layout (parquet with image
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 from declip_hf.benchmarks import SEGMENTATION_BENCHMARKS, SegmentationBenchmark, get_segmentation_benchmark
 from declip_hf.evaluate import ConfusionMatrix, main, panoptic_regions, prepare_label
 from declip_hf.segmentation import DeCLIPSegmenter, split_class_names
+from tests.test_segmentation import expect_cli_error
 
 # --------------------------------------------------------------------------------------------------------------------
 # Metric
@@ -130,8 +132,12 @@ def test_builtin_benchmarks_follow_section_6():
         assert (spec.window, spec.stride, spec.ignore_index) == (336, 112, 255)
         assert spec.shorter_side == (560 if name == "cityscapes" else 448)
         assert spec.logit_scale == (80.0 if name == "voc21" else 40.0)
-        names = [names for entry in split_class_names(spec.class_names) for names in entry]
+        names = [names for entry in split_class_names(spec.class_names) for names in entry]  # unique names
         assert all(names), name
+    # SCLIP's background words hold "bed", one of COCO-Object's classes, which could then never be predicted.
+    coco_object = split_class_names(SEGMENTATION_BENCHMARKS["coco_object"].class_names)
+    assert "bed" not in coco_object[0] and coco_object[60] == ("bed",) and len(coco_object[0]) == 25
+    assert "bed" in split_class_names(SEGMENTATION_BENCHMARKS["voc21"].class_names)[0]  # VOC has no bed class
     assert split_class_names(SEGMENTATION_BENCHMARKS["voc21"].class_names)[15][0] == "person"
     assert SEGMENTATION_BENCHMARKS["ade20k"].reduce_zero_label and SEGMENTATION_BENCHMARKS["voc20"].reduce_zero_label
     with pytest.raises(ValueError, match="Unknown benchmark 'voc'"):
@@ -208,19 +214,20 @@ def test_evaluation_command_end_to_end(tmp_path, tiny_clip_dir):
         assert (reported is None and math.isnan(plain)) or math.isclose(reported, plain, abs_tol=1e-3)
 
 
-def test_bad_label_is_an_error_and_an_empty_split_too(tmp_path, tiny_clip_dir):
+def test_bad_label_is_an_error_and_an_empty_split_too(tmp_path, tiny_clip_dir, capsys):
+    # The command ends with one error line and exit status 2 (it raised the ValueError before issue 8).
     rng = np.random.default_rng(1)
     bad = tmp_path / "bad"
     bad.mkdir()
     spec_path = write_spec(bad, write_segmentation_dataset(bad, [random_sample(rng, 20, 20, max_label=5)]))
-    with pytest.raises(ValueError, match="outside the 3 classes"):
-        main(["--model", str(tiny_clip_dir), "--benchmarks", spec_path, "--output", str(tmp_path / "r.json")])
+    argv = ["--model", str(tiny_clip_dir), "--benchmarks", spec_path, "--output", str(tmp_path / "r.json")]
+    assert "outside the 3 classes" in expect_cli_error(main, argv, capsys)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     spec_path = write_spec(empty, write_segmentation_dataset(empty, [random_sample(rng, 20, 20, 21, 20)]))
-    with pytest.raises(ValueError, match="no usable sample"):
-        main(["--model", str(tiny_clip_dir), "--benchmarks", spec_path, "--output", str(tmp_path / "r.json")])
+    argv = ["--model", str(tiny_clip_dir), "--benchmarks", spec_path, "--output", str(tmp_path / "r.json")]
+    assert "no usable sample" in expect_cli_error(main, argv, capsys)
 
 
 def test_dataset_split_and_data_files_overrides(tmp_path, tiny_clip_dir):
@@ -348,10 +355,10 @@ def test_region_view_is_the_training_letterbox(width, height):
     torch.testing.assert_close(view[0, :, :, new_width:], padding.expand(3, 32, 32 - new_width))
 
 
-def test_nothing_to_evaluate_and_unknown_attention_mode_are_refused(tmp_path, tiny_clip_dir):
+def test_nothing_to_evaluate_and_unknown_attention_mode_are_refused(tmp_path, tiny_clip_dir, capsys):
     output = tmp_path / "r.json"
-    with pytest.raises(SystemExit, match="Nothing to evaluate"):
-        main(["--model", str(tiny_clip_dir), "--benchmarks", "", "--output", str(output)])
+    argv = ["--model", str(tiny_clip_dir), "--benchmarks", "", "--output", str(output)]
+    assert "Nothing to evaluate" in expect_cli_error(main, argv, capsys)  # exit status 2 now, 1 before issue 8
     assert not output.exists()
     with pytest.raises(SystemExit):  # argparse: not one of DECOUPLED_ATTENTION_MODES
         main(["--model", str(tiny_clip_dir), "--decoupled-attention", "qk", "--output", str(output)])
@@ -363,3 +370,78 @@ def test_example_yaml_spec_loads():
     spec = get_segmentation_benchmark(str(REPO_ROOT / "configs" / "benchmarks" / "example.yaml"))
     assert spec.name == "my_parquet_benchmark" and spec.num_classes == 3 and spec.has_background
     assert split_class_names(spec.class_names)[1] == ("cat", "kitty")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Never a number from a bad spec or a broken model; one error line (issue 8, §2.3, §2.5, §2.7, §5)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"window": 16, "stride": 32}, r"spec 'toy': stride \(32\) is larger than window \(16\)"),
+        ({"logit_scale": math.nan}, "spec 'toy': logit_scale must be a finite positive number"),
+        ({"logit_scale": math.inf}, "spec 'toy': logit_scale must be a finite positive number"),
+        ({"class_names": ["background", "cat", "cat"]}, r"spec 'toy': .*'cat' in classes \[1, 2\]"),
+        ({"class_names": "cat"}, "spec 'toy': .*got the string 'cat'"),
+    ],
+)
+def test_bad_spec_is_refused_before_the_model_loads(tmp_path, change, message, capsys, monkeypatch):
+    spec = {"name": "toy", "path": "parquet", "data_files": "unused.parquet", "class_names": TOY_CLASSES,
+            **TOY_SETTINGS, **change}
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr("declip_hf.evaluate.load_segmenter", lambda args: pytest.fail("the model was loaded"))
+    line = expect_cli_error(
+        main, ["--model", "m", "--benchmarks", str(tmp_path / "toy.yaml"), "--output", str(tmp_path / "r.json")],
+        capsys,
+    )
+    assert re.search(message, line), line
+
+
+def test_nan_weights_end_in_an_error_not_an_miou(tmp_path, tiny_clip_dir, capsys):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    broken = tmp_path / "nan_clip"
+    model = CLIPModel.from_pretrained(tiny_clip_dir)
+    with torch.no_grad():
+        model.visual_projection.weight.fill_(math.nan)  # as a diverged run would save
+    model.save_pretrained(broken)
+    CLIPTokenizer.from_pretrained(tiny_clip_dir).save_pretrained(broken)
+    rng = np.random.default_rng(4)
+    spec_path = write_spec(tmp_path, write_segmentation_dataset(tmp_path, [random_sample(rng, 20, 28)]))
+    output = tmp_path / "r.json"
+    line = expect_cli_error(main, ["--model", str(broken), "--benchmarks", spec_path, "--output", str(output)], capsys)
+    assert "NaN or inf" in line and "checkpoint's weights" in line
+    assert not output.exists()  # no mIoU was written
+
+
+def test_dinov2_model_is_one_error_line(tmp_path, tiny_dinov2_dir, capsys):
+    rng = np.random.default_rng(5)
+    spec_path = write_spec(tmp_path, write_segmentation_dataset(tmp_path, [random_sample(rng, 20, 28)]))
+    argv = ["--model", str(tiny_dinov2_dir), "--benchmarks", spec_path, "--output", str(tmp_path / "r.json")]
+    line = expect_cli_error(main, argv, capsys)
+    assert line.startswith("error: ") and "dinov2" in line.lower(), line
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_evaluate_cli_conventions(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal width
+    assert "(default: fp32)" in help_text and "(default: 16)" in help_text
+    assert "python -m declip_hf.evaluate --model PATH_OR_ID" in help_text  # the docstring's layout is kept
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "m", "--output", "r.json", "--max-image", "3"])  # abbreviations are not guessed
+    assert exit_info.value.code == 2 and "unrecognized arguments: --max-image" in capsys.readouterr().err
+
+    monkeypatch.setattr("declip_hf.evaluate.load_segmenter", lambda args: pytest.fail("the model was loaded"))
+    refusals = [
+        (["--max-images", "0", "--output", str(tmp_path / "r.json")], "--max-images must be a positive integer"),
+        (["--output", str(tmp_path)], "is a folder; give the path of the results JSON file"),
+        (["--benchmarks", "voc", "--output", str(tmp_path / "r.json")], "Unknown benchmark 'voc'"),
+        (["--benchmarks", str(tmp_path / "none.yaml"), "--output", str(tmp_path / "r.json")], "No such file"),
+        (["--dataset", "voc21", "--output", str(tmp_path / "r.json")], "--dataset expects NAME=VALUE"),
+    ]
+    for argv, message in refusals:
+        assert message in expect_cli_error(main, ["--model", "m", *argv], capsys)

@@ -1,7 +1,9 @@
 """Zero-shot segmentation: templates, sliding windows, class embeddings, thresholding, loading, and the demo."""
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -294,3 +296,218 @@ def test_demo_cli_loads_a_hub_id_with_a_text_encoder_subfolder(tmp_path, tiny_cl
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "Wrote" in completed.stdout and Image.open(out).width > 20
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Refusals: partly random towers, settings that leave pixels unscored, non-finite scores, ambiguous class lists,
+# unusable images (issue 8, §2.3, §2.5, §2.7, §4)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def expect_cli_error(main, argv, capsys) -> str:
+    """Run a CLI that must refuse `argv`: exit status 2 and exactly one `error: ...` line, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr
+    return errors[0]
+
+
+def save_release(folder, tiny_clip_dir):
+    """A DeCLIP release layout: the vision tower at the root, the CLIP text tower and tokenizer in text_encoder/."""
+    DeCLIPVisionModel.from_pretrained(tiny_clip_dir).save_pretrained(folder)
+    CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir).save_pretrained(folder / "text_encoder")
+    CLIPTokenizer.from_pretrained(tiny_clip_dir).save_pretrained(folder / "text_encoder")
+    return folder
+
+
+def test_towers_lacking_weights_are_errors_and_a_full_load_is_quiet(tmp_path, tiny_clip_dir, tiny_dinov2_dir, capfd):
+    from safetensors.torch import save_file
+
+    release = save_release(tmp_path / "release", tiny_clip_dir)
+    capfd.readouterr()
+    DeCLIPSegmenter.from_pretrained(release)
+    DeCLIPSegmenter.from_pretrained(tiny_clip_dir)  # the other tower's weights are expected, and not reported
+    assert "UNEXPECTED" not in capfd.readouterr().err
+
+    # A DINOv2 folder has no CLIP vision weights: refused, even with a valid text tower.
+    # (DeCLIPVisionModel.from_pretrained may itself refuse the non-CLIP config first, with its own message.)
+    with pytest.raises(ValueError, match=r"(?i)lacks \d+ weight|dinov2"):
+        DeCLIPSegmenter.from_pretrained(tiny_dinov2_dir, text_model=str(tiny_clip_dir))
+    # Safetensors holding no tensors, on either side.
+    empty_text = save_release(tmp_path / "empty_text", tiny_clip_dir)
+    save_file({}, empty_text / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"text tower .*text_encoder' lacks \d+ weight.*text_model="):
+        DeCLIPSegmenter.from_pretrained(empty_text)
+    empty_vision = save_release(tmp_path / "empty_vision", tiny_clip_dir)
+    save_file({}, empty_vision / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"(?i)(lacks|missing).*weight"):
+        DeCLIPSegmenter.from_pretrained(empty_vision)
+    # A non-CLIP text folder.
+    with pytest.raises(ValueError, match="no CLIP text tower"):
+        DeCLIPSegmenter.from_pretrained(tiny_clip_dir, text_model=str(tiny_dinov2_dir))
+
+
+def test_text_tower_and_tokenizer_of_another_clip_are_refused(tmp_path, tiny_clip_dir):
+    from declip_hf.tiny import tiny_clip_config, tiny_clip_tokenizer
+
+    other = tmp_path / "other_clip"
+    CLIPModel(tiny_clip_config(projection_dim=16)).save_pretrained(other)
+    tiny_clip_tokenizer().save_pretrained(other)
+    with pytest.raises(ValueError, match="projects to 24 dimensions but the text tower to 16"):
+        DeCLIPSegmenter.from_pretrained(tiny_clip_dir, text_model=str(other))
+    # A tokenizer with more tokens than the text tower embeds would fail (or read garbage) at the first prompt.
+    release = save_release(tmp_path / "release", tiny_clip_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    tokenizer.add_tokens(["<an-extra-token>"])
+    tokenizer.save_pretrained(release / "text_encoder")
+    with pytest.raises(ValueError, match=r"tokenizer of .* has \d+ tokens but its text tower embeds only"):
+        DeCLIPSegmenter.from_pretrained(release)
+
+
+def test_settings_that_leave_pixels_unscored_are_refused(segmenter):
+    image = torch.rand(3, 40, 40)
+    with pytest.raises(ValueError, match=r"stride \(32\) is larger than window \(16\)"):
+        segmenter([image], ["a", "b"], shorter_side=40, window=16, stride=32)
+    with pytest.raises(ValueError, match="stride <= window"):
+        sliding_windows(40, 40, 16, 32)
+    for logit_scale in (math.nan, math.inf, -1.0, 0.0):
+        with pytest.raises(ValueError, match="logit_scale must be a finite positive number"):
+            segmenter([image], ["a", "b"], shorter_side=40, window=16, stride=8, logit_scale=logit_scale)
+    for settings in ({"window": 0, "stride": 0}, {"shorter_side": 0}, {"window": 16.5}):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            segmenter([image], ["a", "b"], **{"shorter_side": 40, "window": 16, "stride": 8, **settings})
+    with pytest.raises(ValueError, match=r"background_threshold must lie in \[0, 1\]"):
+        segmenter([image], ["a", "b"], shorter_side=40, window=16, stride=8, background_threshold=1.5)
+
+
+class NaNFeatureModel(PixelFeatureModel):
+    """A vision model whose weights went NaN: every dense feature is NaN."""
+
+    def get_dense_features(self, pixel_values):
+        return DeCLIPDenseOutput(dense_embeds=torch.full_like(pixel_values, math.nan), context_features=())
+
+
+def test_non_finite_scores_are_an_error_not_a_label_map():
+    classes = ClassEmbeddings(name_embeds=torch.eye(3), name_to_class=torch.tensor([0, 1, 2]))
+    settings = {"shorter_side": 4, "window": 4, "stride": 2}
+    broken = DeCLIPSegmenter(NaNFeatureModel(), nn.Identity(), None, image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    with pytest.raises(ValueError, match="similarity maps .* NaN or inf"):
+        broken([torch.rand(3, 4, 4)], classes, **settings)
+    healthy = DeCLIPSegmenter(PixelFeatureModel(), nn.Identity(), None, image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    nan_text = ClassEmbeddings(name_embeds=torch.full((3, 3), math.nan), name_to_class=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="class-name embeddings hold NaN or inf"):
+        healthy([torch.rand(3, 4, 4)], nan_text, **settings)
+    nameless_class = ClassEmbeddings(name_embeds=torch.eye(3), name_to_class=torch.tensor([0, 2, 2]))
+    with pytest.raises(ValueError, match="at least one name"):
+        healthy([torch.rand(3, 4, 4)], nameless_class, **settings)
+    with pytest.raises(ValueError, match="pixels hold NaN"):
+        healthy([torch.full((3, 4, 4), math.nan)], classes, **settings)
+
+
+def test_ambiguous_class_lists_are_refused():
+    with pytest.raises(ValueError, match=r"got the string 'cat'; pass \['cat'\] for one class"):
+        split_class_names("cat")
+    with pytest.raises(ValueError, match=r"unique .*'cat' in classes \[0, 2\]"):
+        split_class_names(["cat", "dog", "cat"])  # the second "cat" could never be predicted
+    with pytest.raises(ValueError, match=r"'kitty' in classes \[0, 1\]"):
+        split_class_names(["cat; kitty", " Kitty "])  # CLIP's tokenizer lower-cases: the same embedding
+    with pytest.raises(ValueError, match=r"'cat' in classes \[0, 0\]"):
+        split_class_names(["cat; cat"])
+    with pytest.raises(ValueError, match="Class 1 is 5: give each class as a string or a list of strings"):
+        split_class_names(["cat", 5])
+    with pytest.raises(ValueError, match="empty class list"):
+        split_class_names([])
+
+
+def test_image_inputs_are_converted_or_refused_by_layout(segmenter):
+    settings = {"shorter_side": 12, "window": 8, "stride": 4, "return_probabilities": True}
+    rgb = torch.randint(0, 256, (3, 10, 14), dtype=torch.uint8)
+    grey = rgb[0]
+
+    def probabilities(image):
+        return segmenter(image, ["a", "b"], **settings).probabilities[0]
+
+    # Grey images are repeated to RGB, whatever the layout; numpy is channels last, torch channels first.
+    expected = probabilities(grey.expand(3, -1, -1))
+    for image in (grey, grey[None], grey.numpy(), grey.numpy()[..., None], Image.fromarray(grey.numpy())):
+        torch.testing.assert_close(probabilities(image), expected)
+    torch.testing.assert_close(probabilities(rgb.permute(1, 2, 0).numpy()), probabilities(rgb))
+    assert segmenter(torch.rand(3, 1, 60), ["a", "b"], **settings).label_maps[0].shape == (1, 60)  # a thin strip
+
+    refusals = [
+        ([], "no images"),
+        ([Image.new("RGB", (0, 5))], "Image 0: The image has no pixels"),
+        ([rgb, torch.rand(3, 0, 4)], "Image 1: The image has no pixels"),
+        ([np.zeros((10, 14, 4), dtype=np.uint8)], r"Image 0: .*\(H, W, 3\) or \(H, W\), got \(10, 14, 4\)"),
+        ([torch.rand(4, 10, 14)], r"Image 0: .*\(3, H, W\) or \(H, W\), got \(4, 10, 14\)"),
+        ([rgb.float()], r"Float pixels must lie in \[0, 1\].*divide 0-255 values by 255"),
+        ([rgb.long()], "uint8 .* or float .* got dtype torch.int64"),
+        ([np.zeros((10, 14, 3), dtype=np.uint16)], "got dtype uint16"),
+        (["street.jpg"], "Expected a PIL image, numpy array or torch tensor, got str"),
+    ]
+    for images, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            segmenter(images, ["a", "b"], **settings)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The demo CLI's conventions (issue 8, §5)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_demo_cli_help_shows_defaults_and_refuses_abbreviations_and_a_missing_model(capsys):
+    with pytest.raises(SystemExit):
+        segment_main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal width
+    assert "(default: 336)" in help_text and "(default: 40.0)" in help_text
+    assert "python -m declip_hf.segment street.jpg" in help_text  # the docstring's layout is kept
+    with pytest.raises(SystemExit) as exit_info:
+        segment_main(["in.png", "--labels", "a,b", "--model", "m", "--stri", "8"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --stri" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        segment_main(["in.png", "--labels", "a,b"])  # no unverifiable default Hub id
+    assert exit_info.value.code == 2 and "required: --model" in capsys.readouterr().err
+
+
+def test_demo_cli_user_errors_are_one_line_before_the_model_loads(tmp_path, tiny_clip_dir, capsys, monkeypatch):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (20, 16)).save(image)
+    (tmp_path / "text.jpg").write_text("not an image")
+
+    def no_model_load(args):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("declip_hf.segment.load_segmenter", no_model_load)
+    common = ["--model", str(tiny_clip_dir), "--out", str(tmp_path / "out.png")]
+    refusals = [
+        ([str(tmp_path / "nope.jpg"), "--labels", "a,b"], r"Cannot read the image '.*nope\.jpg': .*No such file"),
+        ([str(tmp_path / "text.jpg"), "--labels", "a,b"], r"Cannot read the image '.*text\.jpg'"),
+        ([str(image), "--labels", "a,b", "--window", "16", "--stride", "32"], r"--stride \(32\) is larger than --window"),
+        ([str(image), "--labels", "a,b", "--logit-scale", "nan"], "--logit-scale must be a finite positive number"),
+        ([str(image), "--labels", "cat,dog,cat"], r"'cat' in classes \[0, 2\]"),
+        ([str(image), "--labels", " , "], "empty class list"),
+        ([str(image), "--labels", "a,b", "--min-probability", "2"], r"--min-probability must lie in \[0, 1\]"),
+        ([str(image), "--labels", "a,b", "--windows-per-batch", "0"], "--windows-per-batch must be a positive"),
+        ([str(image), "--labels", "a,b", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+    ]
+    for argv, message in refusals:
+        line = expect_cli_error(segment_main, argv + common, capsys)
+        assert line.startswith("error: ") and re.search(message, line), line
+    for out, message in ((tmp_path / "missing" / "o.png", "not a writable folder"), (tmp_path / "o.txt", "PIL")):
+        line = expect_cli_error(segment_main, [str(image), "--labels", "a,b", "--model", "m", "--out", str(out)],
+                                capsys)
+        assert message in line
+
+
+def test_demo_cli_refuses_a_dinov2_model_in_one_line(tmp_path, tiny_dinov2_dir, capsys):
+    Image.new("RGB", (20, 16)).save(tmp_path / "in.png")
+    line = expect_cli_error(
+        segment_main,
+        [str(tmp_path / "in.png"), "--labels", "a,b", "--model", str(tiny_dinov2_dir), "--out", str(tmp_path / "o.png")],
+        capsys,
+    )
+    assert line.startswith("error: ") and "dinov2" in line.lower(), line
