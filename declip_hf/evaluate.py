@@ -197,7 +197,7 @@ def prepare_label(label_image: Image.Image, spec: SegmentationBenchmark, sample_
 def _display_names(spec: SegmentationBenchmark) -> list[str]:
     """One unique, readable key per class for the results file: its first name ("background" for class 0 when
     the benchmark has a background class, whose names are a list of stuff words)."""
-    names = [names[0] for names in split_class_names(spec.class_names)]
+    names = [names[0] for names in split_class_names(spec.class_names, spec.allow_shared_names)]
     if spec.has_background:
         names[0] = "background"
     counts = Counter(names)
@@ -214,7 +214,7 @@ def evaluate_segmentation(
     """mIoU, aAcc, mAcc and per-class IoU of one benchmark, as the results file records them."""
     columns = (spec.image_column, spec.label_column)
     dataset = load_split(spec.path, spec.config_name, spec.split, spec.data_files, columns)
-    classes = segmenter.encode_classes(spec.class_names)
+    classes = segmenter.encode_classes(spec.class_names, allow_shared_names=spec.allow_shared_names)
     matrix = ConfusionMatrix(spec.num_classes, spec.ignore_index)
     skipped, num_images = Counter(), 0
     total = min(filter(None, (_split_size(dataset), max_images)), default=None)

@@ -133,11 +133,14 @@ def _check_names_are_unique(classes: list[tuple[str, ...]]) -> None:
         )
 
 
-def split_class_names(class_names: Sequence[str | Sequence[str]]) -> list[tuple[str, ...]]:
+def split_class_names(
+    class_names: Sequence[str | Sequence[str]], allow_shared_names: bool = False
+) -> list[tuple[str, ...]]:
     """One tuple of names per class: `"person; people"` and `["person", "people"]` both give two names.
 
     `class_names` must be a list (or tuple) with one entry per class; a bare string is refused rather than read
-    letter by letter. Every name must be unique across the whole list (see `_check_names_are_unique`).
+    letter by letter. Every name must be unique across the whole list (see `_check_names_are_unique`), unless
+    `allow_shared_names` (only for reproducing a published class list that has such a name).
     """
     if isinstance(class_names, str):
         raise ValueError(
@@ -147,7 +150,8 @@ def split_class_names(class_names: Sequence[str | Sequence[str]]) -> list[tuple[
     classes = [_names_of_entry(index, entry) for index, entry in enumerate(class_names)]
     if not classes:
         raise ValueError("Got an empty class list.")
-    _check_names_are_unique(classes)
+    if not allow_shared_names:
+        _check_names_are_unique(classes)
     return classes
 
 
@@ -468,9 +472,11 @@ class DeCLIPSegmenter(nn.Module):
         return self.image_mean.device
 
     @torch.no_grad()
-    def encode_classes(self, class_names: Sequence[str | Sequence[str]], batch_size: int = 256) -> ClassEmbeddings:
+    def encode_classes(
+        self, class_names: Sequence[str | Sequence[str]], batch_size: int = 256, allow_shared_names: bool = False
+    ) -> ClassEmbeddings:
         """Text embeddings of every name: normalise(mean over templates of normalised template embeddings)."""
-        classes = split_class_names(class_names)
+        classes = split_class_names(class_names, allow_shared_names)
         missing = sorted({name for names in classes for name in names} - self._name_embedding_cache.keys())
         for name, embedding in zip(missing, self._embed_names(missing, batch_size)):
             self._name_embedding_cache[name] = embedding
