@@ -13,18 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import CommitInfo, HfApi, ModelCard
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithProjection
+from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-from declip_hf import DeCLIPVisionModel
+from declip_hf import DeCLIPVisionConfig, DeCLIPVisionModel
 from declip_hf import release
 from declip_hf.benchmarks import SEGMENTATION_BENCHMARKS
 from declip_hf.model_card import (
+    PACKAGED_TEMPLATE,
     PAPER_SEGMENTATION_AVERAGE_MIOU,
     PAPER_SEGMENTATION_MIOU,
+    PROJECT_URL,
     TrainingRun,
     build_model_card,
     region_rows,
 )
+from training.export import image_processor_for
 
 REPO_ID = "declip-test/tiny-declip"
 
@@ -99,11 +102,12 @@ def build_tiny_run(run_dir: Path, tiny_clip_dir: Path) -> Path:
             parameter.add_(0.05 * torch.randn_like(parameter))
     model_dir = run_dir / "model"
     model.save_pretrained(model_dir)
-    # As training/export.py saves it: the starting checkpoint's processor set to the training resolution.
-    processor = CLIPImageProcessor.from_pretrained(tiny_clip_dir)
-    processor.size = {"shortest_edge": TRAINING_ARGS["student_size"]}
-    processor.crop_size = {"height": TRAINING_ARGS["student_size"], "width": TRAINING_ARGS["student_size"]}
-    processor.declip_note = "DeCLIP was distilled on 64x64 inputs."
+    # As training/export.py saves it: the starting checkpoint's processor at the model's input size, recording the
+    # training resolution.
+    config = model.config
+    processor = image_processor_for(
+        str(tiny_clip_dir), config.image_size, TRAINING_ARGS["student_size"], config.patch_size
+    )
     processor.save_pretrained(model_dir)
     CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir).save_pretrained(model_dir / "text_encoder")
     AutoTokenizer.from_pretrained(tiny_clip_dir).save_pretrained(model_dir / "text_encoder")
@@ -178,24 +182,50 @@ def _markdown_table_row(name, value) -> str:
     return f"| `{name}` | `{value if isinstance(value, str) else json.dumps(value)}` |"
 
 
-def test_card_reads_every_training_argument_and_result(tiny_run):
-    run = TrainingRun.from_dir(tiny_run)
+@pytest.fixture(scope="module")
+def vit_b16_run(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run's records with a ViT-B/16 config: what a card (which reads no weights) sees of a run started
+    from openai/clip-vit-base-patch16."""
+    run_dir = tmp_path_factory.mktemp("vit_b16_run")
+    shutil.copy(tiny_run / "training_args.json", run_dir / "training_args.json")
+    shutil.copytree(tiny_run / "model" / "text_encoder", run_dir / "model" / "text_encoder")
+    shutil.copy(tiny_run / "model" / "preprocessor_config.json", run_dir / "model")
+    DeCLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=16,
+        projection_dim=512,
+        hidden_act="quick_gelu",
+        decoupled_attention="csa",
+    ).save_pretrained(run_dir / "model")
+    return run_dir
+
+
+def test_card_reads_every_training_argument_and_result(vit_b16_run):
+    run = TrainingRun.from_dir(vit_b16_run)
     card = build_model_card(run, REPO_ID, "mit", base_model="openai/clip-vit-base-patch16", results=RESULTS)
     text = str(card)
     for name, value in run.args.items():
-        assert _markdown_table_row(name, value) in text, name
-    assert run.command in text
+        shown = "openai/clip-vit-base-patch16" if name == "student" else value  # the local path is not shown
+        assert _markdown_table_row(name, shown) in text, name
+    assert run.command.replace(run.args["student"], "openai/clip-vit-base-patch16") in text
     assert "| images seen | 6 |" in text and "0.41" in text
     assert "(https://huggingface.co/datasets/detection-datasets/coco)" in text
     # The results sit beside the paper's numbers for the same benchmark.
     assert "| voc21 | 12.34 | 45.60 | 20.50 | 3 | 59.7 |" in text
     assert "| coco_object | 3.21 | 30.10 | 5.50 | 2 | 36.4 |" in text
     assert "| coco_panoptic | 11.50 | 6.25 | 12.00 | 7.00 | 17 | 65.0 / 38.8 |" in text
+    assert "The region\ntable above quotes" in text
     assert all(str(value) in text for value in PAPER_SEGMENTATION_MIOU.values())
     assert "EVA02-CLIP" in text and "arXiv" in text and "2505.04410" in text and "@inproceedings" in text
     assert text.count("EVA02-CLIP") == 1  # the caveat is stated once
     assert "| DeCLIP | 59.7 | 35.3 | 36.4 | 85.0 | 32.8 | 39.2 | 21.9 | 25.3 | 41.9 |" in text
-    assert "centre-crops" in text and "letterboxed" in text  # the processor's view differs from training's
+    # The processor serves CLIP's 224 px forward; dense use gets the training view at 64 px from the helper.
+    assert "CLIP's own 224 px input" in text and "trained at 64 px" in text and "prepare_dense_inputs" in text
+    assert f"[`declip-hf`]({PROJECT_URL})" in text and "in a clone of its source" not in text
 
     metadata = ModelCard(text).data.to_dict()
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-feature-extraction"
@@ -308,17 +338,18 @@ def test_card_snippets_run_unmodified_against_an_offline_hub_cache(released, off
     for kind, process in processes.items():
         outputs[kind], errors[kind] = process.communicate(timeout=300)
         assert process.returncode == 0, f"{kind} snippets failed:\n{errors[kind][-3000:]}"
-    # Tiny model: image 32, patch 4, projection 24, hidden 32; processor at the 64 px training resolution.
+    # Tiny model: image 32, patch 4, projection 24, hidden 32; processor at 32 px, training resolution 64 px.
     printed = outputs["package"].splitlines()
     assert printed[:5] == [
-        "torch.Size([1, 24, 16, 16])",  # dense features at the processor's 64 px
+        "torch.Size([1, 24, 16, 16])",  # dense features at the 64 px training resolution (prepare_dense_inputs)
         "torch.Size([1, 24, 16, 16])",  # at twice CLIP's 32 px
         "[torch.Size([1, 256, 32]), torch.Size([1, 256, 32])]",  # csa: q and k context features
         "torch.Size([1, 24])",  # CLIP's image embedding at 32 px
         "torch.Size([2, 24])",  # two boxes
     ], outputs["package"]
     assert "DeCLIPSegmenter.from_pretrained" in scripts["package"] and "torch.Size([480, 640])" in outputs["package"]
-    assert "torch.Size([1, 24, 16, 16])" in outputs["remote-code"]
+    # Without the package: dense features at the processor's 32 px, and the pipeline's last hidden state.
+    assert outputs["remote-code"].splitlines()[-2:] == ["torch.Size([1, 24, 8, 8])", "torch.Size([1, 65, 32])"]
 
 
 def test_remote_code_snippets_cannot_import_the_package(released, tmp_path):
@@ -403,6 +434,7 @@ def test_push_failure_is_reported_without_claiming_an_upload(monkeypatch, tmp_pa
         release.push_release(tmp_path, REPO_ID, private=False, message="m", token="hf_x")
 
 
-def test_release_refuses_unknown_license(tiny_run, tmp_path):
-    with pytest.raises(SystemExit, match="pass --license"):
-        release.main([str(tiny_run), "--repo-id", REPO_ID, "--out", str(tmp_path / "out")])
+def test_release_refuses_unknown_license(tiny_run, tmp_path, capsys):
+    code = release.main([str(tiny_run), "--repo-id", REPO_ID, "--out", str(tmp_path / "out")])
+    assert code == 2 and "pass --license" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
