@@ -3,10 +3,13 @@ under the card's repo id, and whose push is checked up to the network call."""
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -19,7 +22,6 @@ from declip_hf import DeCLIPVisionConfig, DeCLIPVisionModel
 from declip_hf import release
 from declip_hf.benchmarks import SEGMENTATION_BENCHMARKS
 from declip_hf.model_card import (
-    PACKAGED_TEMPLATE,
     PAPER_SEGMENTATION_AVERAGE_MIOU,
     PAPER_SEGMENTATION_MIOU,
     PROJECT_URL,
@@ -30,6 +32,7 @@ from declip_hf.model_card import (
 from training.export import image_processor_for
 
 REPO_ID = "declip-test/tiny-declip"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TRAINING_ARGS = {
     "student": None,  # the tiny CLIP's path, filled in by build_tiny_run
@@ -438,3 +441,119 @@ def test_release_refuses_unknown_license(tiny_run, tmp_path, capsys):
     code = release.main([str(tiny_run), "--repo-id", REPO_ID, "--out", str(tmp_path / "out")])
     assert code == 2 and "pass --license" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_release_reports_bad_inputs_in_one_line(tiny_run, tmp_path, capsys):
+    """A missing run, a missing or malformed results file: one `error:` line naming the problem, exit status 2."""
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{not json")
+    cases = {
+        str(tmp_path / "nope.json"): "results file .*nope.json does not exist",
+        str(tmp_path / "list.json"): "holds a JSON list",
+        str(tmp_path / "broken.json"): "is not JSON",
+    }
+    for results, message in cases.items():
+        code = release.main([str(tiny_run), "--repo-id", REPO_ID, "--license", "mit", "--results", results])
+        error = capsys.readouterr().err
+        assert code == 2 and error.count("\n") == 1 and error.startswith("error: "), error
+        assert re.search(message, error), error
+    assert release.main([str(tmp_path / "no_run"), "--repo-id", REPO_ID]) == 2
+    assert "training_args.json is missing" in capsys.readouterr().err
+    assert not (tiny_run / "release").exists()  # nothing was assembled
+
+
+def test_release_flags_show_defaults_and_refuse_abbreviations(tiny_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        release.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "(default: False)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        release.parse_args([str(tiny_run), "--repo", REPO_ID])  # an abbreviation of --repo-id
+    assert exit_info.value.code == 2 and "--repo-id" in capsys.readouterr().err
+
+
+def test_known_base_model_must_match_the_architecture(tiny_run, vit_b16_run, capsys):
+    with pytest.raises(ValueError, match=r"openai/clip-vit-base-patch16 is a ViT-B-16 CLIP.*layers: checkpoint 2, "):
+        build_model_card(TrainingRun.from_dir(tiny_run), REPO_ID, "mit", base_model="openai/clip-vit-base-patch16")
+    code = release.main([str(tiny_run), "--repo-id", REPO_ID, "--base-model", "openai/clip-vit-large-patch14"])
+    error = capsys.readouterr().err
+    assert code == 2 and "is a ViT-L-14 CLIP" in error and "--base-model" in error
+    # The matching architecture, and a base model the table does not know, are accepted.
+    build_model_card(TrainingRun.from_dir(vit_b16_run), REPO_ID, "mit", base_model="openai/clip-vit-base-patch16")
+    build_model_card(TrainingRun.from_dir(tiny_run), REPO_ID, "mit", base_model="declip-test/tiny-clip")
+
+
+def test_card_shows_no_local_paths(tiny_run, tmp_path):
+    """--base-model and --dataset replace the run's local student and dataset everywhere in the card; any other
+    absolute path (script, output folder) keeps only its last component."""
+    run = TrainingRun.from_dir(tiny_run)
+    dataset_path, output_dir = str(tmp_path / "my_private_images"), str(tmp_path / "runs" / "declip_tiny")
+    run.args = {**run.args, "dataset": dataset_path, "output_dir": output_dir}
+    run.command = (
+        f"accelerate launch {tmp_path}/checkout/training/distill.py --student {run.args['student']} "
+        f"--dataset {dataset_path} --output_dir={output_dir}"
+    )
+    card = build_model_card(
+        run, REPO_ID, "mit", base_model="declip-test/tiny-clip", datasets=["declip-test/street-scenes"]
+    )
+    text = str(card)
+    assert str(tmp_path) not in text and "/tmp" not in text
+    assert (
+        "accelerate launch .../distill.py --student declip-test/tiny-clip --dataset declip-test/street-scenes "
+        "--output_dir=.../declip_tiny"
+    ) in text
+    assert _markdown_table_row("student", "declip-test/tiny-clip") in text
+    assert _markdown_table_row("dataset", "declip-test/street-scenes") in text
+    assert _markdown_table_row("output_dir", ".../declip_tiny") in text
+    assert "[declip-test/street-scenes](https://huggingface.co/datasets/declip-test/street-scenes)" in text
+    assert "is natural images" not in text  # the card claims nothing about data it did not see
+
+
+def test_card_mentions_the_region_table_only_when_there_is_one(tiny_run):
+    run = TrainingRun.from_dir(tiny_run)
+    without = str(build_model_card(run, REPO_ID, "mit"))
+    segmentation_only = {key: value for key, value in RESULTS.items() if key != "region_classification"}
+    with_segmentation = str(build_model_card(run, REPO_ID, "mit", results=segmentation_only))
+    with_regions = str(build_model_card(run, REPO_ID, "mit", results=RESULTS))
+    assert "table above" not in without and "table above" not in with_segmentation
+    assert "region\ntable above quotes" in with_regions
+
+
+def test_project_url_is_the_one_in_pyproject():
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert PROJECT_URL in pyproject["project"]["urls"].values()
+    # Every declip_hf package is listed (the list is explicit because the template folder is mapped into it).
+    init_files = (REPO_ROOT / "declip_hf").rglob("__init__.py")
+    packages = {".".join(path.parent.relative_to(REPO_ROOT).parts) for path in init_files}
+    assert packages <= set(pyproject["tool"]["setuptools"]["packages"])
+
+
+def test_installed_package_builds_the_card_from_its_own_template(tiny_run, tmp_path):
+    """A non-editable install (a built wheel) carries the card template as package data, read through
+    importlib.resources, and builds a card away from any source checkout."""
+    source, wheel_dir, site = tmp_path / "source", tmp_path / "wheel", tmp_path / "site"
+    # Build from a copy: setuptools leaves build/ and *.egg-info beside the sources, and a stale build/ would be
+    # packaged again by a later build.
+    no_caches = shutil.ignore_patterns("__pycache__")
+    for folder in ("declip_hf", "model_cards"):
+        shutil.copytree(REPO_ROOT / folder, source / folder, ignore=no_caches)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(wheel_dir)]
+    subprocess.run(build, cwd=tmp_path, check=True, capture_output=True)
+    (wheel,) = wheel_dir.glob("declip_hf-*.whl")
+    assert "declip_hf/model_cards/declip_vision_model_card.md" in zipfile.ZipFile(wheel).namelist()
+    install = [*pip, "install", "--no-deps", "--target", str(site), str(wheel)]
+    subprocess.run(install, cwd=tmp_path, check=True, capture_output=True)
+    script = (
+        "import declip_hf, sys\n"
+        "from declip_hf.model_card import PACKAGED_TEMPLATE, SOURCE_TEMPLATE, TrainingRun, build_model_card\n"
+        f"assert declip_hf.__file__.startswith({str(site)!r}), declip_hf.__file__\n"
+        "assert PACKAGED_TEMPLATE.is_file() and not SOURCE_TEMPLATE.exists()\n"
+        f"card = build_model_card(TrainingRun.from_dir({str(tiny_run)!r}), 'org/name', 'mit')\n"
+        "print(card.data.pipeline_tag, 'prepare_dense_inputs' in str(card))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["image-feature-extraction", "True"]
