@@ -6,6 +6,7 @@ evaluation from a `declip_hf.evaluate` results file, so a card cannot drift from
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -112,7 +113,8 @@ class TrainingRun:
 
 def hub_id_or_none(value) -> str | None:
     """`value` when it names a Hub repository (`org/name`), None for local paths and anything else."""
-    if not isinstance(value, str) or Path(value).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+    # Hub owners and names start with a letter, digit or `_`: `./x`, `../x` and the card's `.../x` are paths.
+    if not isinstance(value, str) or Path(value).exists() or not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", value):
         return None
     return value
 
@@ -298,10 +300,6 @@ def _is_local_path(value: str) -> bool:
     return value.startswith(("/", "~", "./", "../")) or Path(value).is_absolute()
 
 
-# An absolute or home-relative path inside a command line: after a space, `=` or a quote.
-_PATH_IN_COMMAND = re.compile(r"(?<=[\s='\"])[~/][^\s'\"]*")
-
-
 def _hide_path(path: str) -> str:
     """A local path as the card shows it: its last component only (no user names, home or mount points)."""
     return f".../{Path(path).name}" if Path(path).name else "..."
@@ -329,11 +327,21 @@ def public_value(value, replacements: dict[str, str]):
 
 
 def public_command(command: str, replacements: dict[str, str]) -> str:
-    """The recorded command with the replacements made (longest first, so no value is cut inside another), then
-    any remaining absolute path (the script's, a config file's) shortened to its last component."""
-    for raw in sorted(replacements, key=len, reverse=True):
-        command = command.replace(raw, replacements[raw])
-    return _PATH_IN_COMMAND.sub(lambda match: _hide_path(match.group()), " " + command)[1:]
+    """The recorded command (a `shlex.join`ed line) with each argument, or the value of a `--flag=value`, replaced
+    as `public_value` does and any other local path (the script's, a config file's) shortened."""
+    try:
+        tokens = shlex.split(command)
+    except ValueError:  # not a shell line (unbalanced quotes): whitespace-separated words
+        tokens = command.split()
+
+    def public_token(token: str) -> str:
+        flag, equals, value = token.partition("=")
+        if not (token.startswith("-") and equals):
+            flag, equals, value = "", "", token
+        shown = replacements.get(value, _hide_path(value) if _is_local_path(value) else value)
+        return flag + equals + shown
+
+    return shlex.join(public_token(token) for token in tokens)
 
 
 def _training_size(model_dir: Path, args: dict) -> int | None:

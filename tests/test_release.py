@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -275,6 +276,9 @@ def test_card_without_results_or_hub_student_has_no_model_index(tiny_run):
     card = build_model_card(TrainingRun.from_dir(tiny_run), REPO_ID, "apache-2.0")
     metadata = card.data.to_dict()
     assert "model-index" not in metadata and "base_model" not in metadata  # the student is a local path
+    # ... shown by its last component only, and not as a Hub link.
+    assert str(tiny_run.parent) not in str(card) and "https://huggingface.co/..." not in str(card)
+    assert f"`.../{Path(TrainingRun.from_dir(tiny_run).args['student']).name}`" in str(card)
     assert "No evaluation results were attached" in str(card)
     assert "59.7" in str(card)  # the paper's reference table is always there
 
@@ -488,18 +492,18 @@ def test_card_shows_no_local_paths(tiny_run, tmp_path):
     run = TrainingRun.from_dir(tiny_run)
     dataset_path, output_dir = str(tmp_path / "my_private_images"), str(tmp_path / "runs" / "declip_tiny")
     run.args = {**run.args, "dataset": dataset_path, "output_dir": output_dir}
-    run.command = (
-        f"accelerate launch {tmp_path}/checkout/training/distill.py --student {run.args['student']} "
-        f"--dataset {dataset_path} --output_dir={output_dir}"
-    )
+    run.command = shlex.join([
+        "accelerate", "launch", f"{tmp_path}/checkout/training/distill.py", "--config", f"{tmp_path}/my runs/a.yaml",
+        "--student", run.args["student"], "--dataset", dataset_path, f"--output_dir={output_dir}",
+    ])
     card = build_model_card(
         run, REPO_ID, "mit", base_model="declip-test/tiny-clip", datasets=["declip-test/street-scenes"]
     )
     text = str(card)
     assert str(tmp_path) not in text and "/tmp" not in text
     assert (
-        "accelerate launch .../distill.py --student declip-test/tiny-clip --dataset declip-test/street-scenes "
-        "--output_dir=.../declip_tiny"
+        "accelerate launch .../distill.py --config .../a.yaml --student declip-test/tiny-clip "
+        "--dataset declip-test/street-scenes --output_dir=.../declip_tiny"
     ) in text
     assert _markdown_table_row("student", "declip-test/tiny-clip") in text
     assert _markdown_table_row("dataset", "declip-test/street-scenes") in text
@@ -557,3 +561,19 @@ def test_installed_package_builds_the_card_from_its_own_template(tiny_run, tmp_p
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["image-feature-extraction", "True"]
+
+
+def test_layout_check_refuses_a_processor_at_another_size(released, tmp_path):
+    """A processor at the training size (as runs before this check saved it) would break the forward, the pipeline
+    and the Hub widget: the release refuses it and says what to set."""
+    out, _, _ = released
+    folder = tmp_path / "folder"
+    shutil.copytree(out, folder)
+    path = folder / "preprocessor_config.json"
+    processor = json.loads(path.read_text())
+    del processor["declip_training_size"]
+    path.write_text(json.dumps({**processor, "size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}))
+    check = release.check_layout(folder)
+    assert not check.passed
+    assert "gives 64x64 px inputs but config.image_size is 32" in check.detail
+    assert "records no declip_training_size" in check.detail
