@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_declip import DECOUPLED_ATTENTION_MODES, TRAINABLE_ATTENTION_MODES, DeCLIPVisionConfig
 from .modeling_declip import DeCLIPDenseOutput, DeCLIPVisionModel
+from .preprocessing import prepare_dense_inputs
 from .region_pooling import pool_boxes, pool_masks
 from .segmentation import ClassEmbeddings, DeCLIPSegmentationOutput, DeCLIPSegmenter
 
@@ -26,4 +27,5 @@ __all__ = [
     "DeCLIPVisionModel",
     "pool_boxes",
     "pool_masks",
+    "prepare_dense_inputs",
 ]

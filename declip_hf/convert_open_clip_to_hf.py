@@ -5,7 +5,11 @@ it starts from are open_clip state dicts. This maps such a state dict onto [`DeC
 `--with-text`, onto `CLIPTextModelWithProjection`), then writes a folder that loads with `from_pretrained`:
 
     python -m declip_hf.convert_open_clip_to_hf CHECKPOINT.pt --arch ViT-B-16-quickgelu --out DIR \
-        [--with-text --tokenizer LOCAL_CLIP_TOKENIZER_DIR] [--decoupled-attention qq]
+        [--with-text [--tokenizer LOCAL_CLIP_TOKENIZER_DIR]] [--decoupled-attention qq]
+
+With `--with-text` and no `--tokenizer`, the text tower gets OpenAI CLIP's BPE tokenizer, built from the vocabulary
+file open_clip ships (every OpenAI-architecture open_clip model uses it); a tower with another vocabulary needs
+`--tokenizer`.
 
 The activation is not stored in the weights. OpenAI's CLIPs (and everything fine-tuned from them, e.g. DeCLIP's
 OpenAI-based checkpoints) use QuickGELU; open_clip's plain `ViT-B-16` config builds nn.GELU. An architecture that
@@ -13,6 +17,8 @@ does not state `quick_gelu` (the `-quickgelu` names do) therefore needs `--hidde
 """
 
 import argparse
+import gzip
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -20,7 +26,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from .configuration_declip import DECOUPLED_ATTENTION_MODES, DeCLIPVisionConfig
 from .modeling_declip import DeCLIPVisionModel
@@ -70,6 +83,12 @@ _LAYER_RENAMES = {
     "mlp.c_fc": "mlp.fc1",
     "mlp.c_proj": "mlp.fc2",
 }
+# OpenAI CLIP's byte-level BPE as open_clip ships it (open_clip/bpe_simple_vocab_16e6.txt.gz): its first line is a
+# header, then merges; the vocabulary is 256 bytes, 256 end-of-word bytes, 48894 merges and the two specials.
+OPEN_CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_BPE_NUM_MERGES = 49152 - 256 - 2
+CLIP_BPE_VOCAB_SIZE = 49408
+
 # Non-persistent in open_clip today, but older checkpoints (OpenAI's own) carry the causal mask; it is rebuilt.
 _IGNORED_TEXT_KEYS = ("attn_mask",)
 
@@ -401,8 +420,59 @@ def convert_open_clip_state_dict(
     return ConvertedCLIP(vision=vision.eval(), text=text.eval() if text is not None else None)
 
 
+def open_clip_bpe_path() -> Path | None:
+    """open_clip's BPE vocabulary file, found without importing open_clip (which is optional here)."""
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(folder) / OPEN_CLIP_BPE_FILE).is_file():
+            return Path(folder) / OPEN_CLIP_BPE_FILE
+    return None
+
+
+def clip_bpe_tokenizer(bpe_path: str | Path, context_length: int = 77) -> CLIPTokenizer:
+    """OpenAI CLIP's tokenizer from open_clip's BPE file, in transformers' CLIP layout: the vocabulary is built in
+    open_clip's `SimpleTokenizer` order, so every token id is the one the text tower was trained with."""
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_BPE_NUM_MERGES + 1]]
+    byte_tokens = list(bytes_to_unicode().values())
+    tokens = [
+        *byte_tokens,
+        *[token + "</w>" for token in byte_tokens],
+        *["".join(merge) for merge in merges],
+        "<|startoftext|>",
+        "<|endoftext|>",
+    ]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+
+
+def default_tokenizer(text_shape: TextShape) -> CLIPTokenizer:
+    """The tokenizer of a text tower converted without --tokenizer: OpenAI CLIP's BPE, or a ValueError that names
+    --tokenizer when the tower's vocabulary is another or open_clip's vocabulary file is not installed."""
+    if text_shape.vocab_size != CLIP_BPE_VOCAB_SIZE:
+        raise ValueError(
+            f"The text tower has {text_shape.vocab_size} tokens, not the {CLIP_BPE_VOCAB_SIZE} of OpenAI CLIP's BPE, "
+            "so no standard tokenizer fits it: pass --tokenizer with a local folder of the tokenizer it was "
+            "trained with."
+        )
+    bpe_path = open_clip_bpe_path()
+    if bpe_path is None:
+        raise ValueError(
+            f"No --tokenizer given, and open_clip's BPE vocabulary ({OPEN_CLIP_BPE_FILE}) is not installed: "
+            "pip install open_clip_torch, or pass --tokenizer with a local CLIP tokenizer folder (e.g. a copy of "
+            "openai/clip-vit-base-patch16)."
+        )
+    return clip_bpe_tokenizer(bpe_path, text_shape.context_length)
+
+
 def save_converted(converted: ConvertedCLIP, out: str | Path, tokenizer=None) -> Path:
-    """Write the DeCLIP folder (weights, config with auto_map, model code, image processor), and `text_encoder/`."""
+    """Write the DeCLIP folder (weights, config with auto_map, model code, image processor), and `text_encoder/`
+    with `tokenizer` when there is a text tower."""
+    if converted.text is not None and tokenizer is None:
+        raise ValueError(
+            "A converted text tower needs its tokenizer (without one it cannot embed class names): pass one, e.g. "
+            "default_tokenizer(infer_text_shape(state_dict)) for OpenAI CLIP's BPE."
+        )
     out = Path(out)
     converted.vision.save_pretrained(out)
     image_size = converted.vision.config.image_size
@@ -412,13 +482,16 @@ def save_converted(converted: ConvertedCLIP, out: str | Path, tokenizer=None) ->
     ).save_pretrained(out)
     if converted.text is not None:
         converted.text.save_pretrained(out / TEXT_ENCODER_SUBFOLDER)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out / TEXT_ENCODER_SUBFOLDER)
+        tokenizer.save_pretrained(out / TEXT_ENCODER_SUBFOLDER)
     return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
     parser.add_argument(
         "checkpoint", help="open_clip checkpoint: .pt/.bin state dict (bare or under 'state_dict') or .safetensors."
     )
@@ -434,8 +507,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help="Local folder of a CLIP tokenizer (e.g. a copy of openai/clip-vit-base-patch16), saved into "
-        f"OUT/{TEXT_ENCODER_SUBFOLDER} with --with-text. Without it the text tower is written alone.",
+        help="Local folder of the text tower's tokenizer, saved into "
+        f"OUT/{TEXT_ENCODER_SUBFOLDER} with --with-text. When not given, OpenAI CLIP's BPE tokenizer is built from "
+        f"open_clip's {OPEN_CLIP_BPE_FILE} (needs open_clip_torch, and a {CLIP_BPE_VOCAB_SIZE}-token text tower).",
     )
     parser.add_argument(
         "--hidden-act",
@@ -461,18 +535,20 @@ def main(argv=None) -> Path:
     try:
         architecture = resolve_architecture(args.arch)
         state_dict = load_open_clip_state_dict(args.checkpoint)
+        if args.with_text and tokenizer is None:
+            reject_foreign_architecture(state_dict)  # the clearer message first, for a checkpoint of another kind
+            tokenizer = default_tokenizer(infer_text_shape(state_dict))
         converted = convert_open_clip_state_dict(
             state_dict, architecture, args.hidden_act, args.decoupled_attention, args.with_text, tokenizer
         )
     except ValueError as error:
         raise SystemExit(f"Conversion failed: {error}") from error
     out = save_converted(converted, args.out, tokenizer)
-    print(f"Wrote {out} ({converted.vision.config.hidden_act}, decoupled_attention={args.decoupled_attention})")
-    if args.with_text and tokenizer is None:
-        print(
-            f"No --tokenizer given: {TEXT_ENCODER_SUBFOLDER}/ holds the text tower only; add a CLIP tokenizer before "
-            "using it."
-        )
+    tokenizer_note = f", tokenizer from {args.tokenizer or OPEN_CLIP_BPE_FILE}" if args.with_text else ""
+    print(
+        f"Wrote {out} ({converted.vision.config.hidden_act}, decoupled_attention={args.decoupled_attention}"
+        f"{tokenizer_note})"
+    )
     return out
 
 

@@ -6,16 +6,36 @@ evaluation from a `declip_hf.evaluate` results file, so a card cannot drift from
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .convert_open_clip_to_hf import OPEN_CLIP_ARCHITECTURES, VisionShape, check_shape, expected_vision_shape
+from .preprocessing import TRAINING_SIZE_FIELD
 from .segmentation import TEXT_ENCODER_SUBFOLDER
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "declip_vision_model_card.md"
+# Where the source lives, for the card's install line; the same URL as pyproject.toml's [project.urls] (a test
+# keeps them equal).
+PROJECT_URL = "https://github.com/declip-hf/declip-hf"
+TEMPLATE_NAME = "declip_vision_model_card.md"
+# The template lives in the repository's model_cards/; pyproject.toml ships that folder inside the package as
+# `declip_hf/model_cards/`, so an installed package finds it there and a source checkout here.
+PACKAGED_TEMPLATE = resources.files("declip_hf") / "model_cards" / TEMPLATE_NAME
+SOURCE_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
 REQUIRED_TAGS = ("custom_code", "declip", "clip", "open-vocabulary", "dense-prediction")
 PIPELINE_TAG = "image-feature-extraction"
+
+# Vision towers of the CLIPs a release may name as its base model, by Hub id: open_clip architecture names, whose
+# shapes `convert_open_clip_to_hf` knows. A release naming one of them must have its architecture.
+KNOWN_BASE_ARCHITECTURES = {
+    "openai/clip-vit-base-patch16": "ViT-B-16",
+    "openai/clip-vit-base-patch32": "ViT-B-32",
+    "openai/clip-vit-large-patch14": "ViT-L-14",
+    "openai/clip-vit-large-patch14-336": "ViT-L-14-336",
+}
 
 # Licences of the CLIP families a DeCLIP student starts from; anything else must be given with --license.
 BASE_MODEL_LICENSES = {"openai/clip-vit-": "mit", "laion/CLIP-ViT-": "mit"}
@@ -93,7 +113,8 @@ class TrainingRun:
 
 def hub_id_or_none(value) -> str | None:
     """`value` when it names a Hub repository (`org/name`), None for local paths and anything else."""
-    if not isinstance(value, str) or Path(value).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+    # Hub owners and names start with a letter, digit or `_`: `./x`, `../x` and the card's `.../x` are paths.
+    if not isinstance(value, str) or Path(value).exists() or not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", value):
         return None
     return value
 
@@ -105,7 +126,23 @@ def default_license(base_model: str | None) -> str | None:
 
 
 def load_results(path: str | Path | None) -> dict | None:
-    return json.loads(Path(path).read_text()) if path is not None else None
+    """A `declip_hf.evaluate` results file (None for none); errors name the file and what it should be."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {path} does not exist (pass the JSON `declip_hf.evaluate` wrote).")
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"results file {path} is not JSON ({error}); pass the file `declip_hf.evaluate` wrote."
+        ) from error
+    if not isinstance(results, dict):
+        raise ValueError(
+            f"results file {path} holds a JSON {type(results).__name__}, not the object `declip_hf.evaluate` writes."
+        )
+    return results
 
 
 def _number(value, digits: int = 2) -> str:
@@ -226,12 +263,92 @@ def _describe_architecture(config: dict) -> str:
     )
 
 
-def _processor_size(model_dir: Path) -> str:
-    """The side the saved image processor crops to (the training resolution in distill's runs)."""
+def card_template() -> str:
+    """The card template's text, from the installed package or, in a source checkout, the repository."""
+    for template in (PACKAGED_TEMPLATE, SOURCE_TEMPLATE):
+        if template.is_file():
+            return template.read_text(encoding="utf-8")
+    raise FileNotFoundError(
+        f"The model card template {TEMPLATE_NAME} is neither in the installed package ({PACKAGED_TEMPLATE}) nor in "
+        f"a source checkout ({SOURCE_TEMPLATE}): reinstall declip-hf."
+    )
+
+
+def check_base_model(base_model: str | None, config: dict) -> None:
+    """Refuse a known base model (`KNOWN_BASE_ARCHITECTURES`) whose vision tower is not the model's architecture."""
+    architecture = KNOWN_BASE_ARCHITECTURES.get(base_model)
+    if architecture is None:
+        return
+    found = VisionShape(
+        width=config["hidden_size"],
+        layers=config["num_hidden_layers"],
+        mlp_width=config["intermediate_size"],
+        patch_size=config["patch_size"],
+        image_size=config["image_size"],
+        embed_dim=config["projection_dim"],
+    )
+    try:
+        check_shape(found, expected_vision_shape(OPEN_CLIP_ARCHITECTURES[architecture]), "vision")
+    except ValueError as error:
+        raise ValueError(
+            f"The base model {base_model} is a {architecture} CLIP, but this model is not ({error}). Name the CLIP "
+            "the run started from with --base-model, or leave it out."
+        ) from error
+
+
+def _is_local_path(value: str) -> bool:
+    return value.startswith(("/", "~", "./", "../")) or Path(value).is_absolute()
+
+
+def _hide_path(path: str) -> str:
+    """A local path as the card shows it: its last component only (no user names, home or mount points)."""
+    return f".../{Path(path).name}" if Path(path).name else "..."
+
+
+def public_replacements(args: dict, base_model: str | None, datasets: list[str]) -> dict[str, str]:
+    """Recorded argument values and what the card shows instead: the student as `base_model` and the dataset as
+    `datasets` when those are given, any other local path by its last component."""
+    replacements = {}
+    if base_model and isinstance(args.get("student"), str):
+        replacements[args["student"]] = base_model
+    if datasets and isinstance(args.get("dataset"), str):
+        replacements[args["dataset"]] = ",".join(datasets)
+    for value in args.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item not in replacements and _is_local_path(item):
+                replacements[item] = _hide_path(item)
+    return {raw: shown for raw, shown in replacements.items() if raw != shown}
+
+
+def public_value(value, replacements: dict[str, str]):
+    if isinstance(value, list):
+        return [public_value(item, replacements) for item in value]
+    return replacements.get(value, value) if isinstance(value, str) else value
+
+
+def public_command(command: str, replacements: dict[str, str]) -> str:
+    """The recorded command (a `shlex.join`ed line) with each argument, or the value of a `--flag=value`, replaced
+    as `public_value` does and any other local path (the script's, a config file's) shortened."""
+    try:
+        tokens = shlex.split(command)
+    except ValueError:  # not a shell line (unbalanced quotes): whitespace-separated words
+        tokens = command.split()
+
+    def public_token(token: str) -> str:
+        flag, equals, value = token.partition("=")
+        if not (token.startswith("-") and equals):
+            flag, equals, value = "", "", token
+        shown = replacements.get(value, _hide_path(value) if _is_local_path(value) else value)
+        return flag + equals + shown
+
+    return shlex.join(public_token(token) for token in tokens)
+
+
+def _training_size(model_dir: Path, args: dict) -> int | None:
+    """The training resolution: recorded by the saved image processor, else the run's `student_size`."""
     path = model_dir / "preprocessor_config.json"
     processor = json.loads(path.read_text()) if path.is_file() else {}
-    side = (processor.get("crop_size") or {}).get("height") or (processor.get("size") or {}).get("shortest_edge")
-    return f"{side} px" if side else "its configured size"
+    return processor.get(TRAINING_SIZE_FIELD) or args.get("student_size")
 
 
 def _link(name: str, hub_section: str = "") -> str:
@@ -260,31 +377,36 @@ def build_model_card(
     base_model: str | None = None,
     datasets: list[str] | None = None,
     results: dict | None = None,
-    template_path: str | Path = TEMPLATE_PATH,
+    template: str | None = None,
 ) -> ModelCard:
     """The card of `run` released as `repo_id`; `base_model` and `datasets` default to the run's own when they
-    are Hub ids."""
+    are Hub ids, and replace the run's recorded (local) student and dataset wherever the card shows them.
+    `template` is the template's text (default: `card_template()`)."""
     config = json.loads((run.model_dir / "config.json").read_text())
     args = run.args
     base_model = base_model or hub_id_or_none(args.get("student"))
+    check_base_model(base_model, config)
     datasets = datasets or [dataset for dataset in [hub_id_or_none(args.get("dataset"))] if dataset]
-    student_size = args.get("student_size")
+    replacements = public_replacements(args, base_model, datasets)
+    training_size = _training_size(run.model_dir, args)
+    recorded_dataset = public_value(str(args.get("dataset", "unrecorded data")), replacements)
     return ModelCard.from_template(
         card_data(repo_id, license, base_model, datasets, results),
-        template_path=str(template_path),
+        template_str=template if template is not None else card_template(),
         repo_id=repo_id,
-        student_link=_link(base_model or str(args.get("student", "CLIP"))),
-        vfm=_link(str(args.get("vfm", "a vision foundation model"))),
-        dataset=_link(str(args.get("dataset", "unrecorded data")), hub_section="datasets/"),
+        project_url=PROJECT_URL,
+        student_link=_link(base_model or public_value(str(args.get("student", "CLIP")), replacements)),
+        vfm=_link(public_value(str(args.get("vfm", "a vision foundation model")), replacements)),
+        dataset=", ".join(_link(name, hub_section="datasets/") for name in datasets or [recorded_dataset]),
         decoupled_attention=config["decoupled_attention"],
         architecture=_describe_architecture(config),
         patch_size=config["patch_size"],
-        training_resolution=f"{student_size} px" if student_size else "the resolution recorded below",
-        processor_size=_processor_size(run.model_dir),
+        image_size=config["image_size"],
+        training_resolution=f"{training_size} px" if training_size else "the resolution recorded below",
         text_encoder_subfolder=TEXT_ENCODER_SUBFOLDER,
         has_text_encoder=(run.model_dir / TEXT_ENCODER_SUBFOLDER / "config.json").is_file(),
-        command=run.command,
-        hyperparameters=[(name, _table_value(value)) for name, value in args.items()],
+        command=public_command(run.command, replacements),
+        hyperparameters=[(name, _table_value(public_value(value, replacements))) for name, value in args.items()],
         summary=_summary_rows(run.summary),
         versions=", ".join(f"{name} {version}" for name, version in run.versions.items()),
         protocol=(results or {}).get("protocol"),

@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
 from .model_card import (
     PIPELINE_TAG,
+    PROJECT_URL,
     REQUIRED_TAGS,
     TrainingRun,
     build_model_card,
@@ -34,6 +35,7 @@ from .model_card import (
     load_results,
 )
 from .modeling_declip import DeCLIPVisionModel
+from .preprocessing import TRAINING_SIZE_FIELD
 from .segmentation import TEXT_ENCODER_SUBFOLDER
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -102,10 +104,10 @@ def prepare_out_dir(out: Path, run_dir: Path, replace: bool) -> Path:
     """An empty folder to assemble into; an existing non-empty one is replaced only when `replace` is set."""
     out, run_dir = out.resolve(), run_dir.resolve()
     if run_dir.is_relative_to(out) or out.is_relative_to(run_dir / "model"):
-        raise SystemExit(f"--out {out} overlaps the run's own files; choose a separate folder.")
+        raise ValueError(f"--out {out} overlaps the run's own files; choose a separate folder.")
     if out.exists() and any(out.iterdir()):
         if not replace:
-            raise SystemExit(f"{out} is not empty; pass --overwrite to replace it.")
+            raise ValueError(f"{out} is not empty; pass --overwrite to replace it.")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -177,8 +179,35 @@ def check_card_metadata(folder: Path, expect_results: bool) -> Check:
     return Check("card metadata parses", not problems, "; ".join(problems))
 
 
+def image_processor_problems(folder: Path, config: dict) -> list[str]:
+    """The image processor must give the model's own input size: the ordinary forward, transformers'
+    image-feature-extraction pipeline and the Hub widget (the card's pipeline tag) feed it its output unchanged, and
+    refuse any other size. The training resolution is recorded beside it for the card's dense snippets."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return ["preprocessor_config.json missing"]
+    processor = json.loads(path.read_text())
+    image_size = config.get("image_size")
+    crop = processor.get("crop_size") or {}
+    problems = []
+    if processor.get("do_center_crop") is False or (crop.get("height"), crop.get("width")) != (image_size, image_size):
+        problems.append(
+            f"the image processor gives {crop.get('height')}x{crop.get('width')} px inputs but config.image_size is "
+            f"{image_size}, so model(**processor(image)) and the image-feature-extraction pipeline fail: set size "
+            f"{{\"shortest_edge\": {image_size}}}, crop_size {image_size}x{image_size} and do_center_crop true in "
+            "preprocessor_config.json (training/export.py writes it so)"
+        )
+    if not isinstance(processor.get(TRAINING_SIZE_FIELD), int):
+        problems.append(
+            f"preprocessor_config.json records no {TRAINING_SIZE_FIELD} (the training resolution the card's dense "
+            "snippets use): add the run's student_size"
+        )
+    return problems
+
+
 def check_layout(folder: Path) -> Check:
-    """Safetensors only, a config whose auto_map points at code files that are there, an image processor."""
+    """Safetensors only, a config whose auto_map points at code files that are there, an image processor at the
+    model's input size."""
     problems = [
         f"pickle file {path.relative_to(folder)}" for path in folder.rglob("*") if path.suffix in PICKLE_SUFFIXES
     ]
@@ -189,7 +218,7 @@ def check_layout(folder: Path) -> Check:
     problems += [f"auto_map lacks {name}" for name in ("AutoConfig", "AutoModel") if name not in auto_map]
     modules = {reference.split(".")[0] for reference in auto_map.values()}
     problems += [f"{module}.py missing" for module in sorted(modules) if not (folder / f"{module}.py").is_file()]
-    problems += ["preprocessor_config.json missing"] if not (folder / "preprocessor_config.json").is_file() else []
+    problems += image_processor_problems(folder, config)
     text_folder = folder / TEXT_ENCODER_SUBFOLDER
     if text_folder.is_dir() and not list(text_folder.glob("*.safetensors")):
         problems.append(f"{TEXT_ENCODER_SUBFOLDER}/ has no .safetensors weights")
@@ -351,7 +380,12 @@ def push_release(folder: Path, repo_id: str, private: bool, message: str, token:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+        epilog=f"Project: {PROJECT_URL}",
+    )
     parser.add_argument(
         "run_dir", type=Path, help="Training run directory (training/distill.py output: model/, training_args.json)."
     )
@@ -362,10 +396,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--results",
         type=Path,
         default=None,
-        help="declip_hf.evaluate results JSON (default: RUN_DIR/eval_results.json if present).",
+        help="declip_hf.evaluate results JSON; when not given, RUN_DIR/eval_results.json if that file exists.",
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="Folder to assemble the release in (default: RUN_DIR/release)."
+        "--out", type=Path, default=None, help="Folder to assemble the release in; when not given, RUN_DIR/release."
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace a non-empty --out (RUN_DIR/release is always replaced)."
@@ -381,18 +415,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--license",
         default=None,
-        help="Licence of the release; defaults to the base model's when known (OpenAI/LAION CLIP: mit).",
+        help="Licence of the release; when not given, the base model's when known (OpenAI/LAION CLIP: mit).",
     )
     parser.add_argument(
         "--base-model",
         default=None,
-        help="Hub id of the starting CLIP (default: the run's student when it is a Hub id).",
+        help="Hub id of the starting CLIP, shown in the card instead of the run's student path; when not given, the "
+        "run's student if it is a Hub id. A known OpenAI CLIP must match the model's architecture.",
     )
     parser.add_argument(
         "--dataset",
         action="append",
         default=None,
-        help="Hub id of a training dataset (repeatable; default: the run's dataset when it is a Hub id).",
+        help="Hub id of a training dataset, shown instead of the run's dataset path (repeatable); when not given, "
+        "the run's dataset if it is a Hub id.",
     )
     return parser.parse_args(argv)
 
@@ -401,25 +437,36 @@ def _build_card(run: TrainingRun, args, results: dict | None) -> ModelCard:
     base_model = args.base_model or hub_id_or_none(run.args.get("student"))
     license = args.license or default_license(base_model)
     if license is None:
-        raise SystemExit(
+        raise ValueError(
             "The licence of the starting checkpoint is unknown: pass --license (e.g. mit, apache-2.0, other)."
         )
     return build_model_card(run, args.repo_id, license, args.base_model, args.dataset, results)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _read_inputs(args) -> tuple[TrainingRun, dict | None, ModelCard, Path]:
+    """Everything the release reads from the user, checked before anything is written: the run, the results, the
+    card they make, and the folder to assemble in."""
     run = TrainingRun.from_dir(args.run_dir)
-    token = get_token() if args.push else None
-    if args.push and token is None:
-        print("Refusing to push: no Hugging Face token. Run `hf auth login` or set HF_TOKEN.", file=sys.stderr)
-        return 2
     default_results = args.run_dir / "eval_results.json"
     results = load_results(args.results or (default_results if default_results.is_file() else None))
     card = _build_card(run, args, results)
     out = prepare_out_dir(
         args.out or args.run_dir / "release", args.run_dir, replace=args.overwrite or args.out is None
     )
+    return run, results, card, out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    token = get_token() if args.push else None
+    if args.push and token is None:
+        print("Refusing to push: no Hugging Face token. Run `hf auth login` or set HF_TOKEN.", file=sys.stderr)
+        return 2
+    try:
+        run, results, card, out = _read_inputs(args)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     left_out = assemble_release(run.model_dir, out, card)
     if left_out:
         print(f"Left out pickle files (only safetensors are released): {left_out}")

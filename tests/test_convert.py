@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from open_clip.factory import get_model_config
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+from open_clip.tokenizer import tokenize as open_clip_tokenize
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-from declip_hf import DeCLIPVisionModel
+from declip_hf import DeCLIPSegmenter, DeCLIPVisionModel, convert_open_clip_to_hf
 from declip_hf.convert_open_clip_to_hf import (
+    CLIP_BPE_VOCAB_SIZE,
     OPEN_CLIP_ARCHITECTURES,
     TextShape,
     VisionShape,
@@ -265,3 +267,63 @@ def test_tokenizer_must_match_the_text_tower():
         ValueError, match=f"tokenizer has {len(TOKENIZER)} tokens; the text tower expects {len(TOKENIZER) - 3}"
     ):
         convert_open_clip_state_dict(state_dict, architecture, with_text=True, tokenizer=TOKENIZER)
+
+
+def _save_checkpoint(architecture: dict, folder) -> tuple[CLIP, str, str]:
+    model = random_open_clip(architecture)
+    torch.save(model.state_dict(), folder / "model.pt")
+    (folder / "arch.json").write_text(json.dumps(architecture))
+    return model, str(folder / "model.pt"), str(folder / "arch.json")
+
+
+def test_text_tower_without_tokenizer_gets_openai_clip_bpe(tmp_path):
+    """`--with-text` without `--tokenizer` on a tower with CLIP's 49408-token vocabulary writes OpenAI CLIP's BPE
+    tokenizer (from open_clip's own vocabulary file): token ids and text embeddings match open_clip's, and the folder
+    loads as a segmenter."""
+    architecture = small_architecture(quick_gelu=True)
+    architecture["text_cfg"]["vocab_size"] = CLIP_BPE_VOCAB_SIZE
+    model, checkpoint, arch = _save_checkpoint(architecture, tmp_path)
+    out = tmp_path / "converted"
+    main([checkpoint, "--arch", arch, "--out", str(out), "--with-text"])
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "text_encoder")
+    texts = ["a photo of a cat.", "Two DOGS on the grass!!", "naïve café, 東京", "it's a traffic-light, isn't it?"]
+    for text in texts:
+        expected = open_clip_tokenize([text])[0]
+        expected = expected[: int(expected.argmax()) + 1].tolist()  # up to <end_of_text>, the largest id
+        assert tokenizer(text).input_ids == expected, text
+    segmenter = DeCLIPSegmenter.from_pretrained(out)
+    text_model = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").eval()
+    ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(
+            text_model(input_ids=ids).text_embeds, model.encode_text(open_clip_tokenize(texts)), atol=1e-5, rtol=0
+        )
+    assert segmenter.tokenizer("a cat").input_ids == tokenizer("a cat").input_ids
+
+
+def test_text_tower_without_tokenizer_is_refused_when_no_standard_one_fits(tmp_path, monkeypatch):
+    """The tiny tower's 514-token vocabulary is not CLIP's BPE, and without open_clip's vocabulary file no
+    tokenizer can be built: both refuse before writing anything, naming --tokenizer."""
+    _, checkpoint, arch = _save_checkpoint(small_architecture(quick_gelu=True), tmp_path)
+    out = tmp_path / "converted"
+    with pytest.raises(SystemExit, match=f"text tower has {len(TOKENIZER)} tokens, not the 49408.*pass --tokenizer"):
+        main([checkpoint, "--arch", arch, "--out", str(out), "--with-text"])
+    assert not out.exists()
+
+    architecture = small_architecture(quick_gelu=True)
+    architecture["text_cfg"]["vocab_size"] = CLIP_BPE_VOCAB_SIZE
+    _, checkpoint, arch = _save_checkpoint(architecture, tmp_path)
+    monkeypatch.setattr(convert_open_clip_to_hf, "open_clip_bpe_path", lambda: None)
+    with pytest.raises(SystemExit, match="pip install open_clip_torch, or pass --tokenizer"):
+        main([checkpoint, "--arch", arch, "--out", str(out), "--with-text"])
+    assert not out.exists()
+
+
+def test_convert_flags_show_defaults_and_refuse_abbreviations(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "(default: qq)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["model.pt", "--arch", "ViT-B-16", "--out", "x", "--with"])  # an abbreviation of --with-text
+    assert exit_info.value.code == 2 and "--with" in capsys.readouterr().err

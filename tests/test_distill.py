@@ -383,7 +383,9 @@ def test_saved_folder_is_self_sufficient(two_process_run, tiny_clip_dir):
     remote = AutoModel.from_pretrained(folder, trust_remote_code=True)
     assert type(remote).__name__ == "DeCLIPVisionModel"
     processor = CLIPImageProcessor.from_pretrained(folder)
-    assert processor.crop_size == {"height": STUDENT_SIZE, "width": STUDENT_SIZE}
+    # The processor serves the model's own input size (the pipeline and the forward); training's is recorded.
+    side = remote.config.image_size
+    assert processor.crop_size == {"height": side, "width": side} and processor.declip_training_size == STUDENT_SIZE
     assert "longest side" in processor.declip_note
     text = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
     start_text = CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir)

@@ -3,30 +3,37 @@ under the card's repo id, and whose push is checked up to the network call."""
 
 import io
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub import CommitInfo, HfApi, ModelCard
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithProjection
+from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-from declip_hf import DeCLIPVisionModel
+from declip_hf import DeCLIPVisionConfig, DeCLIPVisionModel
 from declip_hf import release
 from declip_hf.benchmarks import SEGMENTATION_BENCHMARKS
 from declip_hf.model_card import (
     PAPER_SEGMENTATION_AVERAGE_MIOU,
     PAPER_SEGMENTATION_MIOU,
+    PROJECT_URL,
     TrainingRun,
     build_model_card,
     region_rows,
 )
+from training.export import image_processor_for
 
 REPO_ID = "declip-test/tiny-declip"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TRAINING_ARGS = {
     "student": None,  # the tiny CLIP's path, filled in by build_tiny_run
@@ -99,11 +106,12 @@ def build_tiny_run(run_dir: Path, tiny_clip_dir: Path) -> Path:
             parameter.add_(0.05 * torch.randn_like(parameter))
     model_dir = run_dir / "model"
     model.save_pretrained(model_dir)
-    # As training/export.py saves it: the starting checkpoint's processor set to the training resolution.
-    processor = CLIPImageProcessor.from_pretrained(tiny_clip_dir)
-    processor.size = {"shortest_edge": TRAINING_ARGS["student_size"]}
-    processor.crop_size = {"height": TRAINING_ARGS["student_size"], "width": TRAINING_ARGS["student_size"]}
-    processor.declip_note = "DeCLIP was distilled on 64x64 inputs."
+    # As training/export.py saves it: the starting checkpoint's processor at the model's input size, recording the
+    # training resolution.
+    config = model.config
+    processor = image_processor_for(
+        str(tiny_clip_dir), config.image_size, TRAINING_ARGS["student_size"], config.patch_size
+    )
     processor.save_pretrained(model_dir)
     CLIPTextModelWithProjection.from_pretrained(tiny_clip_dir).save_pretrained(model_dir / "text_encoder")
     AutoTokenizer.from_pretrained(tiny_clip_dir).save_pretrained(model_dir / "text_encoder")
@@ -178,24 +186,50 @@ def _markdown_table_row(name, value) -> str:
     return f"| `{name}` | `{value if isinstance(value, str) else json.dumps(value)}` |"
 
 
-def test_card_reads_every_training_argument_and_result(tiny_run):
-    run = TrainingRun.from_dir(tiny_run)
+@pytest.fixture(scope="module")
+def vit_b16_run(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run's records with a ViT-B/16 config: what a card (which reads no weights) sees of a run started
+    from openai/clip-vit-base-patch16."""
+    run_dir = tmp_path_factory.mktemp("vit_b16_run")
+    shutil.copy(tiny_run / "training_args.json", run_dir / "training_args.json")
+    shutil.copytree(tiny_run / "model" / "text_encoder", run_dir / "model" / "text_encoder")
+    shutil.copy(tiny_run / "model" / "preprocessor_config.json", run_dir / "model")
+    DeCLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=16,
+        projection_dim=512,
+        hidden_act="quick_gelu",
+        decoupled_attention="csa",
+    ).save_pretrained(run_dir / "model")
+    return run_dir
+
+
+def test_card_reads_every_training_argument_and_result(vit_b16_run):
+    run = TrainingRun.from_dir(vit_b16_run)
     card = build_model_card(run, REPO_ID, "mit", base_model="openai/clip-vit-base-patch16", results=RESULTS)
     text = str(card)
     for name, value in run.args.items():
-        assert _markdown_table_row(name, value) in text, name
-    assert run.command in text
+        shown = "openai/clip-vit-base-patch16" if name == "student" else value  # the local path is not shown
+        assert _markdown_table_row(name, shown) in text, name
+    assert run.command.replace(run.args["student"], "openai/clip-vit-base-patch16") in text
     assert "| images seen | 6 |" in text and "0.41" in text
     assert "(https://huggingface.co/datasets/detection-datasets/coco)" in text
     # The results sit beside the paper's numbers for the same benchmark.
     assert "| voc21 | 12.34 | 45.60 | 20.50 | 3 | 59.7 |" in text
     assert "| coco_object | 3.21 | 30.10 | 5.50 | 2 | 36.4 |" in text
     assert "| coco_panoptic | 11.50 | 6.25 | 12.00 | 7.00 | 17 | 65.0 / 38.8 |" in text
+    assert "The region\ntable above quotes" in text
     assert all(str(value) in text for value in PAPER_SEGMENTATION_MIOU.values())
     assert "EVA02-CLIP" in text and "arXiv" in text and "2505.04410" in text and "@inproceedings" in text
     assert text.count("EVA02-CLIP") == 1  # the caveat is stated once
     assert "| DeCLIP | 59.7 | 35.3 | 36.4 | 85.0 | 32.8 | 39.2 | 21.9 | 25.3 | 41.9 |" in text
-    assert "centre-crops" in text and "letterboxed" in text  # the processor's view differs from training's
+    # The processor serves CLIP's 224 px forward; dense use gets the training view at 64 px from the helper.
+    assert "CLIP's own 224 px input" in text and "trained at 64 px" in text and "prepare_dense_inputs" in text
+    assert f"[`declip-hf`]({PROJECT_URL})" in text and "in a clone of its source" not in text
 
     metadata = ModelCard(text).data.to_dict()
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-feature-extraction"
@@ -242,6 +276,9 @@ def test_card_without_results_or_hub_student_has_no_model_index(tiny_run):
     card = build_model_card(TrainingRun.from_dir(tiny_run), REPO_ID, "apache-2.0")
     metadata = card.data.to_dict()
     assert "model-index" not in metadata and "base_model" not in metadata  # the student is a local path
+    # ... shown by its last component only, and not as a Hub link.
+    assert str(tiny_run.parent) not in str(card) and "https://huggingface.co/..." not in str(card)
+    assert f"`.../{Path(TrainingRun.from_dir(tiny_run).args['student']).name}`" in str(card)
     assert "No evaluation results were attached" in str(card)
     assert "59.7" in str(card)  # the paper's reference table is always there
 
@@ -308,17 +345,18 @@ def test_card_snippets_run_unmodified_against_an_offline_hub_cache(released, off
     for kind, process in processes.items():
         outputs[kind], errors[kind] = process.communicate(timeout=300)
         assert process.returncode == 0, f"{kind} snippets failed:\n{errors[kind][-3000:]}"
-    # Tiny model: image 32, patch 4, projection 24, hidden 32; processor at the 64 px training resolution.
+    # Tiny model: image 32, patch 4, projection 24, hidden 32; processor at 32 px, training resolution 64 px.
     printed = outputs["package"].splitlines()
     assert printed[:5] == [
-        "torch.Size([1, 24, 16, 16])",  # dense features at the processor's 64 px
+        "torch.Size([1, 24, 16, 16])",  # dense features at the 64 px training resolution (prepare_dense_inputs)
         "torch.Size([1, 24, 16, 16])",  # at twice CLIP's 32 px
         "[torch.Size([1, 256, 32]), torch.Size([1, 256, 32])]",  # csa: q and k context features
         "torch.Size([1, 24])",  # CLIP's image embedding at 32 px
         "torch.Size([2, 24])",  # two boxes
     ], outputs["package"]
     assert "DeCLIPSegmenter.from_pretrained" in scripts["package"] and "torch.Size([480, 640])" in outputs["package"]
-    assert "torch.Size([1, 24, 16, 16])" in outputs["remote-code"]
+    # Without the package: dense features at the processor's 32 px, and the pipeline's last hidden state.
+    assert outputs["remote-code"].splitlines()[-2:] == ["torch.Size([1, 24, 8, 8])", "torch.Size([1, 65, 32])"]
 
 
 def test_remote_code_snippets_cannot_import_the_package(released, tmp_path):
@@ -403,6 +441,139 @@ def test_push_failure_is_reported_without_claiming_an_upload(monkeypatch, tmp_pa
         release.push_release(tmp_path, REPO_ID, private=False, message="m", token="hf_x")
 
 
-def test_release_refuses_unknown_license(tiny_run, tmp_path):
-    with pytest.raises(SystemExit, match="pass --license"):
-        release.main([str(tiny_run), "--repo-id", REPO_ID, "--out", str(tmp_path / "out")])
+def test_release_refuses_unknown_license(tiny_run, tmp_path, capsys):
+    code = release.main([str(tiny_run), "--repo-id", REPO_ID, "--out", str(tmp_path / "out")])
+    assert code == 2 and "pass --license" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_release_reports_bad_inputs_in_one_line(tiny_run, tmp_path, capsys):
+    """A missing run, a missing or malformed results file: one `error:` line naming the problem, exit status 2."""
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{not json")
+    cases = {
+        str(tmp_path / "nope.json"): "results file .*nope.json does not exist",
+        str(tmp_path / "list.json"): "holds a JSON list",
+        str(tmp_path / "broken.json"): "is not JSON",
+    }
+    for results, message in cases.items():
+        code = release.main([str(tiny_run), "--repo-id", REPO_ID, "--license", "mit", "--results", results])
+        error = capsys.readouterr().err
+        assert code == 2 and error.count("\n") == 1 and error.startswith("error: "), error
+        assert re.search(message, error), error
+    assert release.main([str(tmp_path / "no_run"), "--repo-id", REPO_ID]) == 2
+    assert "training_args.json is missing" in capsys.readouterr().err
+    assert not (tiny_run / "release").exists()  # nothing was assembled
+
+
+def test_release_flags_show_defaults_and_refuse_abbreviations(tiny_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        release.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "(default: False)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        release.parse_args([str(tiny_run), "--repo", REPO_ID])  # an abbreviation of --repo-id
+    assert exit_info.value.code == 2 and "--repo-id" in capsys.readouterr().err
+
+
+def test_known_base_model_must_match_the_architecture(tiny_run, vit_b16_run, capsys):
+    with pytest.raises(ValueError, match=r"openai/clip-vit-base-patch16 is a ViT-B-16 CLIP.*layers: checkpoint 2, "):
+        build_model_card(TrainingRun.from_dir(tiny_run), REPO_ID, "mit", base_model="openai/clip-vit-base-patch16")
+    code = release.main([str(tiny_run), "--repo-id", REPO_ID, "--base-model", "openai/clip-vit-large-patch14"])
+    error = capsys.readouterr().err
+    assert code == 2 and "is a ViT-L-14 CLIP" in error and "--base-model" in error
+    # The matching architecture, and a base model the table does not know, are accepted.
+    build_model_card(TrainingRun.from_dir(vit_b16_run), REPO_ID, "mit", base_model="openai/clip-vit-base-patch16")
+    build_model_card(TrainingRun.from_dir(tiny_run), REPO_ID, "mit", base_model="declip-test/tiny-clip")
+
+
+def test_card_shows_no_local_paths(tiny_run, tmp_path):
+    """--base-model and --dataset replace the run's local student and dataset everywhere in the card; any other
+    absolute path (script, output folder) keeps only its last component."""
+    run = TrainingRun.from_dir(tiny_run)
+    dataset_path, output_dir = str(tmp_path / "my_private_images"), str(tmp_path / "runs" / "declip_tiny")
+    run.args = {**run.args, "dataset": dataset_path, "output_dir": output_dir}
+    run.command = shlex.join([
+        "accelerate", "launch", f"{tmp_path}/checkout/training/distill.py", "--config", f"{tmp_path}/my runs/a.yaml",
+        "--student", run.args["student"], "--dataset", dataset_path, f"--output_dir={output_dir}",
+    ])
+    card = build_model_card(
+        run, REPO_ID, "mit", base_model="declip-test/tiny-clip", datasets=["declip-test/street-scenes"]
+    )
+    text = str(card)
+    assert str(tmp_path) not in text and "/tmp" not in text
+    assert (
+        "accelerate launch .../distill.py --config .../a.yaml --student declip-test/tiny-clip "
+        "--dataset declip-test/street-scenes --output_dir=.../declip_tiny"
+    ) in text
+    assert _markdown_table_row("student", "declip-test/tiny-clip") in text
+    assert _markdown_table_row("dataset", "declip-test/street-scenes") in text
+    assert _markdown_table_row("output_dir", ".../declip_tiny") in text
+    assert "[declip-test/street-scenes](https://huggingface.co/datasets/declip-test/street-scenes)" in text
+    assert "is natural images" not in text  # the card claims nothing about data it did not see
+
+
+def test_card_mentions_the_region_table_only_when_there_is_one(tiny_run):
+    run = TrainingRun.from_dir(tiny_run)
+    without = str(build_model_card(run, REPO_ID, "mit"))
+    segmentation_only = {key: value for key, value in RESULTS.items() if key != "region_classification"}
+    with_segmentation = str(build_model_card(run, REPO_ID, "mit", results=segmentation_only))
+    with_regions = str(build_model_card(run, REPO_ID, "mit", results=RESULTS))
+    assert "table above" not in without and "table above" not in with_segmentation
+    assert "region\ntable above quotes" in with_regions
+
+
+def test_project_url_is_the_one_in_pyproject():
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert PROJECT_URL in pyproject["project"]["urls"].values()
+    # Every declip_hf package is listed (the list is explicit because the template folder is mapped into it).
+    init_files = (REPO_ROOT / "declip_hf").rglob("__init__.py")
+    packages = {".".join(path.parent.relative_to(REPO_ROOT).parts) for path in init_files}
+    assert packages <= set(pyproject["tool"]["setuptools"]["packages"])
+
+
+def test_installed_package_builds_the_card_from_its_own_template(tiny_run, tmp_path):
+    """A non-editable install (a built wheel) carries the card template as package data, read through
+    importlib.resources, and builds a card away from any source checkout."""
+    source, wheel_dir, site = tmp_path / "source", tmp_path / "wheel", tmp_path / "site"
+    # Build from a copy: setuptools leaves build/ and *.egg-info beside the sources, and a stale build/ would be
+    # packaged again by a later build.
+    no_caches = shutil.ignore_patterns("__pycache__")
+    for folder in ("declip_hf", "model_cards"):
+        shutil.copytree(REPO_ROOT / folder, source / folder, ignore=no_caches)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(wheel_dir)]
+    subprocess.run(build, cwd=tmp_path, check=True, capture_output=True)
+    (wheel,) = wheel_dir.glob("declip_hf-*.whl")
+    assert "declip_hf/model_cards/declip_vision_model_card.md" in zipfile.ZipFile(wheel).namelist()
+    install = [*pip, "install", "--no-deps", "--target", str(site), str(wheel)]
+    subprocess.run(install, cwd=tmp_path, check=True, capture_output=True)
+    script = (
+        "import declip_hf, sys\n"
+        "from declip_hf.model_card import PACKAGED_TEMPLATE, SOURCE_TEMPLATE, TrainingRun, build_model_card\n"
+        f"assert declip_hf.__file__.startswith({str(site)!r}), declip_hf.__file__\n"
+        "assert PACKAGED_TEMPLATE.is_file() and not SOURCE_TEMPLATE.exists()\n"
+        f"card = build_model_card(TrainingRun.from_dir({str(tiny_run)!r}), 'org/name', 'mit')\n"
+        "print(card.data.pipeline_tag, 'prepare_dense_inputs' in str(card))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["image-feature-extraction", "True"]
+
+
+def test_layout_check_refuses_a_processor_at_another_size(released, tmp_path):
+    """A processor at the training size (as runs before this check saved it) would break the forward, the pipeline
+    and the Hub widget: the release refuses it and says what to set."""
+    out, _, _ = released
+    folder = tmp_path / "folder"
+    shutil.copytree(out, folder)
+    path = folder / "preprocessor_config.json"
+    processor = json.loads(path.read_text())
+    del processor["declip_training_size"]
+    path.write_text(json.dumps({**processor, "size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}))
+    check = release.check_layout(folder)
+    assert not check.passed
+    assert "gives 64x64 px inputs but config.image_size is 32" in check.detail
+    assert "records no declip_training_size" in check.detail

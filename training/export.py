@@ -1,6 +1,7 @@
 """The distilled model folder (`RUN_DIR/model/`): weights with DeCLIP's weight-space ensembling (docs/method.md
-§5), config with the mode, code and `auto_map` for `trust_remote_code`, an image processor and, when the
-starting checkpoint had one, its text tower, so the folder alone is enough for zero-shot segmentation.
+§5), config with the mode, code and `auto_map` for `trust_remote_code`, an image processor (at the model's input size,
+recording the training resolution) and, when the starting checkpoint had one, its text tower, so the folder alone
+is enough for zero-shot segmentation.
 """
 
 from pathlib import Path
@@ -9,13 +10,16 @@ import torch
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithProjection, PretrainedConfig
 
 from declip_hf import DeCLIPVisionModel
+from declip_hf.preprocessing import TRAINING_SIZE_FIELD
 from declip_hf.segmentation import TEXT_ENCODER_SUBFOLDER
 
 PROCESSOR_NOTE = (
-    "DeCLIP was distilled on {size}x{size} inputs made by resizing the longest side to {size} (bicubic) and padding "
-    "right/bottom with black, normalised with image_mean/image_std. For dense features feed any size that is a "
-    "multiple of the patch size ({patch}) the same way; this processor's shortest-edge resize and centre crop to "
-    "{size} gives the same resolution for square images."
+    "This processor resizes the shortest edge to {image_size} and centre-crops to the model's input size "
+    "(config.image_size), for the ordinary forward, the image embedding and the image-feature-extraction pipeline. "
+    "DeCLIP was distilled on {size}x{size} inputs (declip_training_size) made by resizing the longest side to {size} "
+    "(bicubic), padding right/bottom with black and normalising with image_mean/image_std: for dense features use "
+    "declip_hf.prepare_dense_inputs(images, size={size}, mean=image_mean, std=image_std), or any multiple of the "
+    "patch size ({patch})."
 )
 
 
@@ -38,16 +42,24 @@ def ensembled_state_dict(student: DeCLIPVisionModel, start_checkpoint: str, alph
     }
 
 
-def image_processor_for(start_checkpoint: str, student_size: int, patch_size: int) -> CLIPImageProcessor:
-    """The starting checkpoint's CLIP processor (its mean, std, resampling) set to the training resolution, or
-    CLIP's defaults at that resolution when the checkpoint has none."""
+def image_processor_for(
+    start_checkpoint: str, image_size: int, student_size: int, patch_size: int
+) -> CLIPImageProcessor:
+    """The starting checkpoint's CLIP processor (its mean, std, resampling) at the model's input size `image_size`,
+    or CLIP's defaults at that size when the checkpoint has none; the training resolution `student_size` is
+    recorded as `declip_training_size`.
+
+    The processor must produce `image_size` inputs: transformers' image-feature-extraction pipeline (the card's
+    pipeline tag, so the Hub widget) and `model(**processor(images))` feed its output to the ordinary forward,
+    which refuses any other size."""
     try:
         processor = CLIPImageProcessor.from_pretrained(start_checkpoint)
     except OSError:
         processor = CLIPImageProcessor()
-    processor.size = {"shortest_edge": student_size}
-    processor.crop_size = {"height": student_size, "width": student_size}
-    processor.declip_note = PROCESSOR_NOTE.format(size=student_size, patch=patch_size)
+    processor.size = {"shortest_edge": image_size}
+    processor.crop_size = {"height": image_size, "width": image_size}
+    setattr(processor, TRAINING_SIZE_FIELD, student_size)
+    processor.declip_note = PROCESSOR_NOTE.format(image_size=image_size, size=student_size, patch=patch_size)
     return processor
 
 
@@ -82,5 +94,6 @@ def save_model(
     state = ensembled_state_dict(student, start_checkpoint, alpha)
     # declip_hf registers its classes for auto classes, so this also copies the code and writes `auto_map`.
     student.save_pretrained(folder, state_dict=state)
-    image_processor_for(start_checkpoint, student_size, student.config.patch_size).save_pretrained(folder)
+    config = student.config
+    image_processor_for(start_checkpoint, config.image_size, student_size, config.patch_size).save_pretrained(folder)
     save_text_encoder(start_checkpoint, folder / TEXT_ENCODER_SUBFOLDER)
