@@ -257,6 +257,35 @@ def skip_reason(data: bytes) -> str:
     return raised.value.reason
 
 
+def progressive_jpeg() -> bytes:
+    ys, xs = np.mgrid[0:120, 0:160]
+    gradient = np.stack([xs * 255 // 160, ys * 255 // 120, (xs + ys) * 255 // 280], axis=-1).astype(np.uint8)
+    return encoded(PIL.Image.fromarray(gradient), "JPEG", quality=75, progressive=True)
+
+
+def test_a_corrupt_file_is_undecodable_and_only_a_file_cut_short_is_truncated():
+    jpeg = progressive_jpeg()
+    garbled = bytearray(jpeg)
+    middle = len(jpeg) // 2
+    garbled[middle : middle + 16] = np.random.default_rng(1).bytes(16)  # every byte still there, 16 of them wrong
+    # The trap: PIL calls this "truncated" too, as its decoder asked for more data at the end.
+    with pytest.raises(OSError, match="truncated"):
+        PIL.Image.open(io.BytesIO(bytes(garbled))).load()
+    assert skip_reason(bytes(garbled)) == "undecodable"
+    assert skip_reason(jpeg[:middle]) == "truncated"
+    assert skip_reason(jpeg[:-2]) == "truncated"  # all but the end marker
+    assert skip_reason(jpeg[:40]) == "truncated"  # too short to read the header
+
+    png = encoded(random_image(40, 40), "PNG")
+    garbled_png = bytearray(png)
+    garbled_png[len(png) // 2 : len(png) // 2 + 16] = bytes(16)
+    assert skip_reason(bytes(garbled_png)) == "undecodable"
+    assert skip_reason(png[: len(png) // 2]) == "truncated"
+    assert skip_reason(png[:50]) == "truncated"
+    gif = encoded(random_image(40, 40).convert("P"), "GIF")
+    assert skip_reason(gif[: len(gif) // 2]) == "truncated"
+
+
 def test_unusable_images_are_rejected_with_their_reason():
     jpeg = encoded(random_image(40, 40), "JPEG")
     assert skip_reason(jpeg[: len(jpeg) // 2]) == "truncated"
