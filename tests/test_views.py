@@ -300,3 +300,48 @@ def test_unusable_images_are_rejected_with_their_reason():
         decode_image(None)
     assert raised.value.reason == "missing"
     assert isinstance(raised.value, ValueError)
+
+
+def exif_jpeg() -> bytes:
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees (not applied, as the authors do not)
+    return encoded(random_image(30, 20), "JPEG", exif=exif.tobytes())
+
+
+def bomb_header() -> bytes:
+    """A GIF declaring 65535 x 65535 px in a few bytes."""
+    return b"GIF89a" + (65535).to_bytes(2, "little") * 2 + b"\x00\x00\x00,\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x00;"
+
+
+def palette_with_alpha() -> bytes:
+    image = random_image(16, 16).convert("P")
+    image.info["transparency"] = 3
+    return encoded(image, "PNG")
+
+
+# Every per-image fault of the fault-injection pass (issue 8), through what the loader does to each image.
+FAULTS = {
+    "zero-byte": (lambda: b"", "undecodable"),
+    "truncated": (lambda: encoded(random_image(40, 40), "JPEG")[:300], "truncated"),
+    "text-as-jpg": (lambda: b"this is a text file, not a JPEG\n" * 20, "undecodable"),
+    "1x5000": (lambda: encoded(random_image(1, 5000), "PNG"), "tiny"),
+    "bomb header": (bomb_header, "too_large"),
+    "None cell": (lambda: None, "missing"),
+    "CMYK": (lambda: encoded(random_image(20, 20).convert("CMYK"), "JPEG"), "RGB"),
+    "palette+alpha": (palette_with_alpha, "RGB"),
+    "16-bit": (lambda: encoded(PIL.Image.fromarray(np.full((12, 12), 40000, dtype=np.uint16)), "PNG"), "RGB"),
+    "EXIF": (exif_jpeg, "RGB"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_every_known_fault_is_skipped_with_its_reason_or_converted(fault):
+    make, expected = FAULTS[fault]
+    data = make()
+    cell = None if data is None else {"bytes": data, "path": None}
+    try:
+        image = to_rgb(decode_image(cell, ViewConfig().source_side))
+    except UnusableImage as unusable:
+        assert unusable.reason == expected
+    else:
+        assert expected == "RGB" and image.mode == "RGB" and min(image.size) >= 10
