@@ -1,4 +1,5 @@
-"""Streaming training data (training/data.py): disjoint coverage per rank and worker, skip counts, reshuffling, resume.
+"""Streaming training data (training/data.py): disjoint coverage per rank and worker, skip counts, reshuffling, resume,
+per-rank epoch tallies, source validation, and bounded decoding of huge images.
 
 Every usable test image is a solid colour whose red value is 7 * id, in a different mode or format each, so the id
 can be read back from the student view and every image can be counted exactly once.
@@ -14,6 +15,7 @@ import zlib
 from collections import Counter
 from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import PIL.Image
 import pytest
@@ -21,12 +23,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import IterableDatasetShard
 from accelerate.state import AcceleratorState
-import datasets
 from datasets import Dataset, Features, Value
-from transformers.utils import logging as transformers_logging
+from datasets import Image as ImageFeature
 from huggingface_hub import HfApi, constants as hub_constants
 from huggingface_hub.errors import RepositoryNotFoundError
-from datasets import Image as ImageFeature
+from transformers.utils import logging as transformers_logging
 
 from training.data import (
     MAX_DECODED_PIXELS,

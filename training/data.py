@@ -237,8 +237,10 @@ def sharding_warning(stream: IterableDataset, world_size: int, num_workers: int)
     them reads in full (correct, only more I/O: worth knowing for a large Hub dataset).
     """
     num_shards, num_workers = stream.num_shards, max(1, num_workers)
-    accept = "or accept it: the data are still split exactly, only read more than once (which matters for a large " \
-             "remote dataset, hardly for local files)."
+    accept = (
+        "or accept it: the data are still split exactly, only read more than once (which matters for a large remote "
+        "dataset, hardly for local files)."
+    )
     if num_shards % world_size:
         return (
             f"The dataset has {num_shards} shard(s), not divisible by {world_size} processes: every process reads all "
@@ -349,7 +351,7 @@ def _check_decoded_size(image: PIL.Image.Image) -> None:
     if width * height > MAX_DECODED_PIXELS:
         raise UnusableImage(
             "too_large",
-            f"{width}x{height} px {image.format or ''} would be decoded at full size; the limit is "
+            f"{width}x{height} px ({image.format}) would be decoded at full size; the limit is "
             f"{MAX_DECODED_PIXELS} px (training.data.MAX_DECODED_PIXELS; only JPEG can be decoded reduced)",
         )
 
@@ -461,8 +463,7 @@ def rank_imbalance_warning(tallies: list[EpochTally], epoch: int) -> str | None:
     return (
         f"Epoch {epoch}: the processes got very different shares of usable images ({per_rank}). Every process ends "
         f"the epoch when one runs out, so the others' remaining images were not trained on. Repair or remove the "
-        f"unusable files (their skip reasons are above), or re-shard the data so that every process gets usable "
-        f"images evenly."
+        f"unusable files, or re-shard the data so that every process gets usable images evenly."
     )
 
 
