@@ -8,6 +8,7 @@ can be read back from the student view and every image can be counted exactly on
 import io
 import json
 import random
+import re
 import struct
 import tarfile
 import time
@@ -417,7 +418,7 @@ def test_a_missing_local_path_fails_at_once_without_asking_the_hub(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     monkeypatch.setattr(HfApi, "dataset_info", lambda *args, **kwargs: pytest.fail("asked the Hub"))
-    with pytest.raises(ValueError, match=f"No such folder or Hub dataset: '{source}': {where}"):
+    with pytest.raises(ValueError, match=re.escape(f"No such folder or Hub dataset: '{source}': {where}")):
         validate_source(source)
 
 
