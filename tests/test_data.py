@@ -372,6 +372,21 @@ def test_uneven_shards_are_reported_with_the_images_each_rank_used(parquet_dir):
     assert "rank 1: 0 images used, 0 skipped" in rank_imbalance_warning([EpochTally(images=20), EpochTally()], 0)
 
 
+def test_a_survey_counts_the_skips_of_a_part_without_usable_images(parquet_dir, tmp_path):
+    rows = [{"image": {"bytes": bad_image(kind), "path": kind}} for kind in ("undecodable", "truncated", "tiny")]
+    rows.append({"image": None})
+    Dataset.from_list(rows, features=Features({"image": ImageFeature()})).to_parquet(tmp_path / "bad.parquet")
+    unusable = views_dataset(tmp_path)
+    assert list(make_dataloader(unusable, 2, num_workers=0)) == []  # the loader cannot report these skips
+    survey = unusable.survey()
+    assert survey.images == 0 and survey.skipped.as_dict() == {
+        "undecodable": 1, "truncated": 1, "too_large": 0, "missing": 1, "tiny": 1, "mode": 0
+    }
+    full = views_dataset(parquet_dir).survey()
+    assert full.images == NUM_GOOD and full.skipped.total == len(BAD_KINDS)
+    assert views_dataset(parquet_dir).survey(max_examples=5).images + 1 == 5  # row 3 is bad
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sources and their validation
 

@@ -419,7 +419,8 @@ class EpochTally:
     `images`: usable images in the batches the loop received; `skipped`: images skipped on the way, per reason;
     `left_over`: the process still had a batch when the epoch ended because another one ran out (all processes stop
     together), so part of its usable images went untrained this epoch. After a resume, the tally of the resumed
-    epoch covers only its remaining part.
+    epoch covers only its remaining part. Skips reach the tally with the next usable image: a process whose part had
+    none shows 0 skipped (`ImageViewsDataset.survey` counts them).
     """
 
     images: int = 0
@@ -554,6 +555,21 @@ class ImageViewsDataset(torch.utils.data.IterableDataset):
         self.resume_position = StreamPosition()
         self.resume_position.load_state_dict(state)
         self.epoch = self.resume_position.epoch
+
+    def survey(self, max_examples: int | None = None) -> "EpochTally":
+        """Usable and unusable images of this rank's part of the current epoch, decoded here without making views.
+
+        For an epoch that gave no batch: skip counts travel with usable images, so a part without any cannot report
+        its skips through the loader. Reads up to `max_examples` stream examples (all by default).
+        """
+        tally = EpochTally()
+        for value in itertools.islice(self._worker_values(0, 1), max_examples):
+            try:
+                to_rgb(decode_image(value, self.view_config.source_side))
+                tally.images += 1
+            except UnusableImage as unusable:
+                tally.skipped.add(unusable.reason)
+        return tally
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker_id, num_workers = _worker_slot()
