@@ -1,4 +1,5 @@
-"""Streaming training data (training/data.py): disjoint coverage per rank and worker, skip counts, reshuffling, resume.
+"""Streaming training data (training/data.py): disjoint coverage per rank and worker, skip counts, reshuffling, resume,
+per-rank epoch tallies, source validation, and bounded decoding of huge images.
 
 Every usable test image is a solid colour whose red value is 7 * id, in a different mode or format each, so the id
 can be read back from the student view and every image can be counted exactly once.
@@ -6,9 +7,16 @@ can be read back from the student view and every image can be counted exactly on
 
 import io
 import json
+import random
+import re
+import struct
 import tarfile
+import time
+import zlib
 from collections import Counter
+from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import PIL.Image
 import pytest
@@ -16,24 +24,32 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import IterableDatasetShard
 from accelerate.state import AcceleratorState
-import datasets
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
+from huggingface_hub import HfApi, constants as hub_constants
+from huggingface_hub.errors import RepositoryNotFoundError
+from transformers.utils import logging as transformers_logging
 
 from training.data import (
+    MAX_DECODED_PIXELS,
     SKIP_REASONS,
+    EpochTally,
     ImageViewsDataset,
     SkipCounter,
     StreamPosition,
     all_ranks_have_batch,
     batches_in_step,
+    decode_image,
     make_dataloader,
     open_image_stream,
+    rank_imbalance_warning,
+    reduction_scale,
     shard_for_process,
     sharding_warning,
     validate_source,
 )
-from training.views import ViewConfig
+from training.tiny_assets import make_tiny_assets
+from training.views import UnusableImage, ViewConfig, make_views, to_rgb
 
 # Three dataloader workers on this 2-core machine are on purpose (one per parquet shard); torch warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
@@ -257,8 +273,18 @@ def test_sharding_warning_says_when_processes_read_more_than_their_share(parquet
     parquet = open_image_stream(str(parquet_dir))  # 3 shards
     assert sharding_warning(parquet, world_size=3, num_workers=0) is None
     assert sharding_warning(parquet, world_size=1, num_workers=3) is None
-    assert "not divisible by 2 processes" in sharding_warning(parquet, world_size=2, num_workers=0)
-    assert "not divisible by 2 dataloader workers" in sharding_warning(parquet, world_size=1, num_workers=2)
+    processes = sharding_warning(parquet, world_size=2, num_workers=0)
+    assert "not divisible by 2 processes" in processes
+    # ... and what to do about it.
+    assert "launch a number of processes that divides 3, or re-shard the data into a multiple of 2 files" in processes
+    assert "or accept it" in processes
+    workers = sharding_warning(parquet, world_size=1, num_workers=2)
+    assert "not divisible by 2 dataloader workers" in workers
+    assert "set --dataloader_num_workers to a divisor of 3 (e.g. 1)" in workers
+    assert "re-shard the data into a multiple of 2 files" in workers and "or accept it" in workers
+    six_shards = Dataset.from_dict({"image": [None] * 6}).to_iterable_dataset(num_shards=6)
+    assert "a divisor of 6 (e.g. 3)" in sharding_warning(six_shards, world_size=1, num_workers=4)
+    assert "a divisor of 3 (e.g. 1)" in sharding_warning(six_shards, world_size=2, num_workers=2)
     assert sharding_warning(open_image_stream(str(image_folder)), world_size=1, num_workers=0) is None
 
 
@@ -292,6 +318,75 @@ def test_all_ranks_have_batch_in_a_single_process(accelerator, parquet_dir):
     assert counter.reduce(accelerator).as_dict() == counter.as_dict() and counter.total == len(BAD_KINDS)
 
 
+class OtherRankWithBatches:
+    """A stand-in for an Accelerator on 2 processes whose other rank holds `other_batches` batches this epoch."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, other_batches: int, other_tally: EpochTally):
+        self.other_batches_left, self.other_tally = other_batches, other_tally
+
+    def reduce(self, missing: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "max"
+        other_missing = int(self.other_batches_left == 0)
+        self.other_batches_left -= 1
+        return torch.maximum(missing, torch.tensor([other_missing]))
+
+    def gather(self, row: torch.Tensor) -> torch.Tensor:
+        other = torch.cat([torch.tensor([self.other_tally.images, int(self.other_tally.left_over)]),
+                           self.other_tally.skipped.as_tensor()])
+        return torch.cat([row, other.unsqueeze(0)])
+
+
+def test_the_tally_counts_what_this_process_delivered_in_the_epoch(accelerator, parquet_dir):
+    tally = EpochTally()
+    for batch in batches_in_step(make_dataloader(views_dataset(parquet_dir), 4, num_workers=0), accelerator, tally):
+        batch.pop("skipped")  # as the training loop does: the tally counted it already
+    assert tally.images == NUM_GOOD and not tally.left_over
+    assert tally.skipped.as_dict() == {reason: int(reason in BAD_KINDS) for reason in SKIP_REASONS}
+    assert [gathered.as_dict() for gathered in tally.gather(accelerator)] == [tally.as_dict()]
+    json.dumps(tally.as_dict())  # ready for logs.jsonl
+
+
+def test_uneven_shards_are_reported_with_the_images_each_rank_used(parquet_dir):
+    # The other rank holds 2 batches and skipped 16 truncated images; this rank has 8 batches of usable images.
+    starved = EpochTally(images=8)
+    starved.skipped.counts["truncated"] = 16
+    tally = EpochTally()
+    loader = make_dataloader(views_dataset(parquet_dir), 4, num_workers=0)
+    assert sum(1 for _ in batches_in_step(loader, OtherRankWithBatches(2, starved), tally)) == 2
+    assert tally.images == 8 and tally.left_over  # stopped with 6 batches in hand
+    tallies = tally.gather(OtherRankWithBatches(0, starved))
+    assert [t.images for t in tallies] == [8, 8]
+    warning = rank_imbalance_warning(tallies, epoch=3)
+    assert warning.startswith("Epoch 3: the processes got very different shares of usable images")
+    assert "rank 0: 8 images used, 1 skipped (undecodable 1), stopped with images left" in warning  # row 3
+    assert "rank 1: 8 images used, 16 skipped (truncated 16)" in warning
+    assert "re-shard the data" in warning
+
+    # Ordinary differences (a few skipped images, one batch more or less) are no reason to warn.
+    one_skip = EpochTally(images=19)
+    one_skip.skipped.counts["undecodable"] = 1
+    assert rank_imbalance_warning([EpochTally(images=20, left_over=True), one_skip], epoch=0) is None
+    assert rank_imbalance_warning([EpochTally(images=20)], epoch=0) is None
+    assert "rank 1: 0 images used, 0 skipped" in rank_imbalance_warning([EpochTally(images=20), EpochTally()], 0)
+
+
+def test_a_survey_counts_the_skips_of_a_part_without_usable_images(parquet_dir, tmp_path):
+    rows = [{"image": {"bytes": bad_image(kind), "path": kind}} for kind in ("undecodable", "truncated", "tiny")]
+    rows.append({"image": None})
+    Dataset.from_list(rows, features=Features({"image": ImageFeature()})).to_parquet(tmp_path / "bad.parquet")
+    unusable = views_dataset(tmp_path)
+    assert list(make_dataloader(unusable, 2, num_workers=0)) == []  # the loader cannot report these skips
+    survey = unusable.survey()
+    assert survey.images == 0 and survey.skipped.as_dict() == {
+        "undecodable": 1, "truncated": 1, "too_large": 0, "missing": 1, "tiny": 1, "mode": 0
+    }
+    full = views_dataset(parquet_dir).survey()
+    assert full.images == NUM_GOOD and full.skipped.total == len(BAD_KINDS)
+    assert views_dataset(parquet_dir).survey(max_examples=5).images + 1 == 5  # row 3 is bad
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sources and their validation
 
@@ -323,7 +418,140 @@ def test_validate_source_names_the_columns_and_the_flag(tmp_path):
         validate_source(str(tmp_path), image_column="picture", data_files="*.parquet")
 
 
-@pytest.mark.parametrize("source", ["/nonexistent/images", "./no_such_folder", "missing.parquet"])
-def test_validate_source_rejects_a_missing_path(source):
-    with pytest.raises(ValueError, match="does not exist"):
+@pytest.mark.parametrize(
+    "source, where",
+    [
+        ("/nonexistent/images", "'/' holds no 'nonexistent'"),
+        ("./no_such_folder", "'.' holds no 'no_such_folder'"),
+        ("missing.parquet", "'.' holds no 'missing.parquet'"),
+        ("data/imgs", "'data' holds no 'imgs'"),  # `data/` exists here: a local path, not a Hub id
+        ("data/imgs/train", "'data' holds no 'imgs'"),  # no Hub id has two slashes
+        ("my images", "'.' holds no 'my images'"),  # nor a space
+    ],
+)
+def test_a_missing_local_path_fails_at_once_without_asking_the_hub(tmp_path, monkeypatch, source, where):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(HfApi, "dataset_info", lambda *args, **kwargs: pytest.fail("asked the Hub"))
+    with pytest.raises(ValueError, match=re.escape(f"No such folder or Hub dataset: '{source}': {where}")):
         validate_source(source)
+
+
+class HubUnreachable(Exception):
+    """What huggingface_hub raises without network (httpx's ConnectError, or requests' ConnectionError)."""
+
+
+def hub_answering(error: Exception):
+    def dataset_info(self, repo_id, timeout=None):
+        assert timeout is not None  # one bounded request, not load_dataset's half minute of retries
+        raise error
+
+    return dataset_info
+
+
+def test_a_name_that_may_be_a_hub_id_is_looked_up_once_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    response = SimpleNamespace(status_code=404, headers={}, request=None)  # what the error reads of an HTTP response
+    not_found = RepositoryNotFoundError("404 Client Error: Repository Not Found", response=response)
+    monkeypatch.setattr(HfApi, "dataset_info", hub_answering(not_found))
+    with pytest.raises(ValueError, match="No such folder or Hub dataset: 'imgs': .*the Hub has no such dataset"):
+        validate_source("imgs")
+    monkeypatch.setattr(HfApi, "dataset_info", hub_answering(HubUnreachable("Name or service not known")))
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="No such folder or Hub dataset: 'someone/imgs': .*could not be reached"):
+        validate_source("someone/imgs")
+    assert time.monotonic() - started < 5
+
+
+def test_offline_a_hub_id_not_in_the_cache_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(HfApi, "dataset_info", lambda *args, **kwargs: pytest.fail("asked the Hub while offline"))
+    with pytest.raises(ValueError, match="No such folder or Hub dataset: 'someone/imgs': .*offline mode"):
+        validate_source("someone/imgs")
+
+
+def test_writing_the_tiny_assets_says_what_it_writes_without_progress_bars(tmp_path, capfd):
+    root = make_tiny_assets(tmp_path / "assets", num_images=6, num_shards=1)
+    out, err = capfd.readouterr()
+    assert f"Writing the tiny assets (random CLIP and DINOv2 checkpoints, 6 generated images) to {root}\n" == out + err
+    assert sorted(path.name for path in root.iterdir()) == ["clip", "dinov2", "images"]
+    # The bars are back for what follows.
+    assert not datasets.are_progress_bars_disabled() and transformers_logging.is_progress_bar_enabled()
+    make_tiny_assets(root)
+    assert capfd.readouterr() == ("", "")  # already there: nothing to say
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Huge images: decoded reduced or skipped, never decoded in full
+
+
+def gradient_jpeg(width: int, height: int) -> bytes:
+    """A smooth photo-like JPEG (a reduced decode of it must look like a resize of the full one)."""
+    xs = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    ys = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    pixels = np.stack(np.broadcast_arrays(xs + 0 * ys, ys + 0 * xs, (xs + ys) / 2), axis=-1).astype(np.uint8)
+    return encoded(PIL.Image.fromarray(pixels), "JPEG")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height RGB pixels and holds none of them (a "bomb header")."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def decode_reason(data: bytes, needed_side: int | None = None) -> str:
+    with pytest.raises(UnusableImage) as raised:
+        decode_image({"bytes": data, "path": None}, needed_side)
+    return raised.value.reason
+
+
+def test_views_need_at_most_teacher_size_times_max_split_pixels_a_side():
+    assert ViewConfig().source_side == 224 * 6
+    assert CONFIG.source_side == 32 * 6
+    assert ViewConfig(student_size=1120, student_patch=16, max_split=2).source_side == 1120
+    # Full size below twice the need; otherwise the largest of 1/8, 1/4, 1/2 that keeps the need (and 10 px).
+    assert reduction_scale((2687, 2000), 1344) == 1
+    assert reduction_scale((2688, 100), 1344) == 2
+    assert reduction_scale((12000, 12000), 1344) == 8
+    assert reduction_scale((30000, 40), 1344) == 4  # 1/8 would leave 5 px rows: "tiny"
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_its_views_barely_change():
+    data = gradient_jpeg(1600, 1200)
+    full = to_rgb(decode_image({"bytes": data, "path": None}))
+    reduced = to_rgb(decode_image({"bytes": data, "path": None}, CONFIG.source_side))
+    assert full.size == (1600, 1200) and reduced.size == (200, 150)  # 1/8: still >= 192 px
+    views_full = make_views(full, CONFIG, random.Random(0))
+    views_reduced = make_views(reduced, CONFIG, random.Random(0))
+    for key in ("student", "vfm", "crops"):  # normalised units: 0.05 is about 3 grey levels
+        assert (views_full[key] - views_reduced[key]).abs().mean() < 0.05, key
+    # Boxes stay exact: edges on the decoded image's pixel grid, the same grid cells as at full size.
+    assert torch.allclose(views_full["boxes"], views_reduced["boxes"], atol=0.5 / 200)
+    assert torch.equal(views_full["crop_valid"], views_reduced["crop_valid"])
+    edges = views_reduced["boxes"][views_reduced["crop_valid"]] * 200
+    assert torch.allclose(edges, edges.round(), atol=1e-4)
+
+
+def test_a_normal_sized_image_is_decoded_exactly_as_before():
+    data = gradient_jpeg(300, 380)  # under twice the 192 px the tiny views need
+    plain = PIL.Image.open(io.BytesIO(data))
+    plain.load()
+    decoded = decode_image({"bytes": data, "path": None}, CONFIG.source_side)
+    assert decoded.size == (300, 380) and np.array_equal(np.asarray(decoded), np.asarray(plain))
+
+
+def test_images_over_the_pixel_limit_are_skipped_before_decoding():
+    side = int(MAX_DECODED_PIXELS**0.5) + 1
+    assert decode_reason(png_header(side, side)) == "too_large"  # PIL would let this through without a warning
+    assert decode_reason(png_header(12000, 12000), CONFIG.source_side) == "too_large"  # PIL: a warning only
+    assert decode_reason(png_header(100_000, 100_000)) == "too_large"  # PIL's own refusal
+    assert decode_reason(png_header(3000, 3000)) == "undecodable"  # under the limit: decoded, and lacks pixels
+    # A JPEG of 12000 x 12000 px is decoded at 1/8 (1500 x 1500), not skipped.
+    image = decode_image({"bytes": gradient_jpeg(4000, 3000), "path": None}, ViewConfig().source_side)
+    assert image.size == (2000, 1500)

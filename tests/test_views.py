@@ -257,6 +257,35 @@ def skip_reason(data: bytes) -> str:
     return raised.value.reason
 
 
+def progressive_jpeg() -> bytes:
+    ys, xs = np.mgrid[0:120, 0:160]
+    gradient = np.stack([xs * 255 // 160, ys * 255 // 120, (xs + ys) * 255 // 280], axis=-1).astype(np.uint8)
+    return encoded(PIL.Image.fromarray(gradient), "JPEG", quality=75, progressive=True)
+
+
+def test_a_corrupt_file_is_undecodable_and_only_a_file_cut_short_is_truncated():
+    jpeg = progressive_jpeg()
+    garbled = bytearray(jpeg)
+    middle = len(jpeg) // 2
+    garbled[middle : middle + 16] = np.random.default_rng(1).bytes(16)  # every byte still there, 16 of them wrong
+    # The trap: PIL calls this "truncated" too, as its decoder asked for more data at the end.
+    with pytest.raises(OSError, match="truncated"):
+        PIL.Image.open(io.BytesIO(bytes(garbled))).load()
+    assert skip_reason(bytes(garbled)) == "undecodable"
+    assert skip_reason(jpeg[:middle]) == "truncated"
+    assert skip_reason(jpeg[:-2]) == "truncated"  # all but the end marker
+    assert skip_reason(jpeg[:40]) == "truncated"  # too short to read the header
+
+    png = encoded(random_image(40, 40), "PNG")
+    garbled_png = bytearray(png)
+    garbled_png[len(png) // 2 : len(png) // 2 + 16] = bytes(16)
+    assert skip_reason(bytes(garbled_png)) == "undecodable"
+    assert skip_reason(png[: len(png) // 2]) == "truncated"
+    assert skip_reason(png[:50]) == "truncated"
+    gif = encoded(random_image(40, 40).convert("P"), "GIF")
+    assert skip_reason(gif[: len(gif) // 2]) == "truncated"
+
+
 def test_unusable_images_are_rejected_with_their_reason():
     jpeg = encoded(random_image(40, 40), "JPEG")
     assert skip_reason(jpeg[: len(jpeg) // 2]) == "truncated"
@@ -271,3 +300,48 @@ def test_unusable_images_are_rejected_with_their_reason():
         decode_image(None)
     assert raised.value.reason == "missing"
     assert isinstance(raised.value, ValueError)
+
+
+def exif_jpeg() -> bytes:
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees (not applied, as the authors do not)
+    return encoded(random_image(30, 20), "JPEG", exif=exif.tobytes())
+
+
+def bomb_header() -> bytes:
+    """A GIF declaring 65535 x 65535 px in a few bytes."""
+    return b"GIF89a" + (65535).to_bytes(2, "little") * 2 + b"\x00\x00\x00,\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x00;"
+
+
+def palette_with_alpha() -> bytes:
+    image = random_image(16, 16).convert("P")
+    image.info["transparency"] = 3
+    return encoded(image, "PNG")
+
+
+# Every per-image fault of the fault-injection pass (issue 8), through what the loader does to each image.
+FAULTS = {
+    "zero-byte": (lambda: b"", "undecodable"),
+    "truncated": (lambda: encoded(random_image(40, 40), "JPEG")[:300], "truncated"),
+    "text-as-jpg": (lambda: b"this is a text file, not a JPEG\n" * 20, "undecodable"),
+    "1x5000": (lambda: encoded(random_image(1, 5000), "PNG"), "tiny"),
+    "bomb header": (bomb_header, "too_large"),
+    "None cell": (lambda: None, "missing"),
+    "CMYK": (lambda: encoded(random_image(20, 20).convert("CMYK"), "JPEG"), "RGB"),
+    "palette+alpha": (palette_with_alpha, "RGB"),
+    "16-bit": (lambda: encoded(PIL.Image.fromarray(np.full((12, 12), 40000, dtype=np.uint16)), "PNG"), "RGB"),
+    "EXIF": (exif_jpeg, "RGB"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_every_known_fault_is_skipped_with_its_reason_or_converted(fault):
+    make, expected = FAULTS[fault]
+    data = make()
+    cell = None if data is None else {"bytes": data, "path": None}
+    try:
+        image = to_rgb(decode_image(cell, ViewConfig().source_side))
+    except UnusableImage as unusable:
+        assert unusable.reason == expected
+    else:
+        assert expected == "RGB" and image.mode == "RGB" and min(image.size) >= 10

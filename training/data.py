@@ -5,6 +5,11 @@ A source (Hub id, local image folder, parquet files or webdataset shards) is ope
 (`shard_for_process`); `ImageViewsDataset` decodes each image in our own code (so a bad file is counted and skipped,
 never fatal) and turns it into the three views of training/views.py; `make_dataloader` batches them.
 
+Every skipped image is counted under one of `SKIP_REASONS`: "missing" (empty cell, unreadable path), "undecodable"
+(not an image, or corrupt data), "truncated" (the file ends early), "too_large" (more than `MAX_DECODED_PIXELS`
+to decode), "tiny" (under 10 px a side), "mode" (no RGB conversion). Memory stays bounded for huge images: a JPEG
+larger than the views can use is decoded at 1/2, 1/4 or 1/8 scale, other formats above the limit are skipped.
+
 How the training loop must use this (each point is a trap that silently loses data or hangs):
 
 1. NEVER pass the dataloader to `accelerator.prepare`. `shard_for_process` already gives each rank its own part;
@@ -26,6 +31,7 @@ How the training loop must use this (each point is a trap that silently loses da
 
 import itertools
 import random
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -36,13 +42,25 @@ import torch
 from datasets import Image, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from datasets.utils.file_utils import xopen
+from huggingface_hub import HfApi, constants as hub_constants
+from huggingface_hub.errors import GatedRepoError, HFValidationError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from torch.utils.data import DataLoader, get_worker_info
 
-from training.views import SKIP_REASONS, UnusableImage, ViewConfig, make_views, to_rgb
+from training.views import MIN_IMAGE_SIDE, SKIP_REASONS, UnusableImage, ViewConfig, make_views, to_rgb
 
 VIEW_KEYS = ("student", "crops", "boxes", "crop_valid", "vfm")
 # Per-example bookkeeping that travels with the views so nothing is lost inside dataloader workers.
 POSITION_KEYS = ("worker", "num_workers", "stream_position")
+
+# The most pixels decoded for one image: 2**26, about 8192 x 8192 (192 MiB as RGB, in each dataloader worker). JPEGs
+# are decoded reduced (see `decode_image`), so this skips only huge images of other formats (PNG, TIFF, WebP, ...)
+# as "too_large", before decoding. PIL itself refuses on opening any image declaring more than
+# 2 * PIL.Image.MAX_IMAGE_PIXELS (about 179 million) pixels, a JPEG too; those count as "too_large" as well.
+MAX_DECODED_PIXELS = 2**26
+
+# Seconds to wait for the Hub to say whether a dataset id exists (one request, no retries).
+HUB_LOOKUP_TIMEOUT_S = 10
 
 # Local files -> the `datasets` builder that streams them; any other folder is read with `imagefolder`.
 _BUILDER_BY_SUFFIX = {".parquet": "parquet", ".tar": "webdataset"}
@@ -53,7 +71,12 @@ _BUILDER_BY_SUFFIX = {".parquet": "parquet", ".tar": "webdataset"}
 
 
 def resolve_source(source: str, data_files=None) -> tuple[str, dict]:
-    """The `load_dataset` path and keyword arguments for `source`: a Hub id, a local folder, file or glob pattern."""
+    """The `load_dataset` path and keyword arguments for `source`: a Hub id, a local folder, file or glob pattern.
+
+    A source that is neither an existing path nor a Hub dataset fails at once with "No such folder or Hub dataset",
+    instead of `load_dataset` retrying the Hub for half a minute: a missing path that looks local, or is no valid
+    Hub id, is refused without asking the Hub; otherwise the Hub is asked once (see `_find_hub_dataset`).
+    """
     is_pattern = any(char in source for char in "*?[")
     path = Path(source).expanduser()
     if data_files is not None and (is_pattern or path.exists()):
@@ -65,9 +88,61 @@ def resolve_source(source: str, data_files=None) -> tuple[str, dict]:
         return _BUILDER_BY_SUFFIX.get(Path(source).suffix, "imagefolder"), {"data_files": source}
     if path.exists():
         return _local_builder(path)
-    if source.startswith(("/", ".", "~")) or Path(source).suffix in _BUILDER_BY_SUFFIX:
-        raise ValueError(f"Dataset source {source!r} does not exist: give an existing local folder/file or a Hub id")
+    if _looks_local(source):
+        raise ValueError(f"{_no_such_source(source)}: {_missing_path_hint(path)}; give an existing local folder, "
+                         f"file or glob pattern, or the id of a Hub dataset (namespace/name)")
+    _find_hub_dataset(source)
     return source, {"data_files": data_files} if data_files is not None else {}
+
+
+def _no_such_source(source: str) -> str:
+    return f"No such folder or Hub dataset: {source!r}"
+
+
+def _looks_local(source: str) -> bool:
+    """Whether a source that does not exist was meant as a local path: written as one (/, ./, ../, ~, a backslash,
+    a data-file suffix), not a valid Hub id, or inside a local folder that exists (`data/imgs` next to `data/`)."""
+    if source.startswith(("/", ".", "~")) or "\\" in source or Path(source).suffix in _BUILDER_BY_SUFFIX:
+        return True
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    parent = Path(source).parent
+    return parent != Path(".") and parent.is_dir()
+
+
+def _missing_path_hint(path: Path) -> str:
+    """Where the path stops existing, e.g. "'data' holds no 'imgs'"."""
+    existing = next(parent for parent in path.parents if parent.is_dir())  # "." or "/" at the latest
+    return f"'{existing}' holds no '{path.relative_to(existing).parts[0]}'"
+
+
+def _find_hub_dataset(source: str) -> None:
+    """Ask the Hub once whether dataset `source` exists; raise ValueError at once if it does not or cannot be asked.
+
+    In offline mode (HF_HUB_OFFLINE=1) nothing is asked: `load_dataset` then reads the local cache, and
+    `open_image_stream` rewords its failure. A gated dataset exists: `load_dataset` explains the access it needs.
+    """
+    if hub_constants.HF_HUB_OFFLINE:
+        return
+    try:
+        HfApi().dataset_info(source, timeout=HUB_LOOKUP_TIMEOUT_S)
+    except GatedRepoError:
+        return
+    except RepositoryNotFoundError as error:
+        raise ValueError(
+            f"{_no_such_source(source)}: no local folder or file of that name, and the Hub has no such dataset (for a "
+            f"private one, log in with `hf auth login`)."
+        ) from error
+    except HfHubHTTPError:
+        return  # the Hub answered with another error: `load_dataset` reports it in full
+    except Exception as error:  # noqa: BLE001 - connection errors are httpx's or requests' by huggingface_hub version
+        raise ValueError(
+            f"{_no_such_source(source)}: no local folder or file of that name, and the Hub could not be reached to "
+            f"look for it ({type(error).__name__}: {error}). Check the path; for a Hub dataset check the network, or "
+            f"set HF_HUB_OFFLINE=1 to read one already in the local cache."
+        ) from error
 
 
 def _local_builder(path: Path) -> tuple[str, dict]:
@@ -94,6 +169,13 @@ def open_image_stream(
         dataset = load_dataset(builder, split=split, streaming=streaming, **kwargs)
     except FileNotFoundError as error:
         raise ValueError(f"Cannot open dataset source {source!r} (split {split!r}): {error}") from error
+    except ConnectionError as error:
+        if not hub_constants.HF_HUB_OFFLINE:
+            raise
+        raise ValueError(
+            f"{_no_such_source(source)}: no local folder or file of that name, and in offline mode (HF_HUB_OFFLINE "
+            f"is set) a Hub dataset can only be read from the local cache, which does not hold it ({error})."
+        ) from error
     if not streaming:  # downloaded and cached once; iterate it like a stream with enough shards to split
         dataset = dataset.to_iterable_dataset(num_shards=max(1, min(len(dataset), 64)))
     _check_image_column(dataset, image_column, source)
@@ -148,22 +230,32 @@ def shard_for_process(
 
 
 def sharding_warning(stream: IterableDataset, world_size: int, num_workers: int) -> str | None:
-    """A line for the log when processes or dataloader workers must read more of `stream` than their share.
+    """A line for the log, with the ways out, when processes or dataloader workers must read more than their share.
 
     Reading whole shards needs the shard count to be divisible by the number of processes, and each process's
     shard count by its number of workers; otherwise examples are dealt out one by one from a stream that each of
     them reads in full (correct, only more I/O: worth knowing for a large Hub dataset).
     """
     num_shards, num_workers = stream.num_shards, max(1, num_workers)
+    accept = (
+        "or accept it: the data are still split exactly, only read more than once (which matters for a large remote "
+        "dataset, hardly for local files)."
+    )
     if num_shards % world_size:
         return (
             f"The dataset has {num_shards} shard(s), not divisible by {world_size} processes: every process reads all "
-            f"of it and keeps 1 example in {world_size}."
+            f"of it and keeps 1 example in {world_size}. To read whole shards instead, launch a number of processes "
+            f"that divides {num_shards}, or re-shard the data into a multiple of {world_size} files; {accept}"
         )
-    if (num_shards // world_size) % num_workers:
+    shards_per_process = num_shards // world_size
+    if shards_per_process % num_workers:
+        divisor = max(d for d in range(1, num_workers + 1) if shards_per_process % d == 0)
         return (
-            f"Each process has {num_shards // world_size} shard(s), not divisible by {num_workers} dataloader workers: "
-            f"every worker reads all of its process's shards and decodes 1 image in {num_workers}."
+            f"Each process has {shards_per_process} shard(s), not divisible by {num_workers} dataloader workers: "
+            f"every worker reads all of its process's shards and decodes 1 image in {num_workers}. To read whole "
+            f"shards instead, set --dataloader_num_workers to a divisor of {shards_per_process} (e.g. {divisor}), or "
+            f"re-shard the data into a multiple of {world_size * num_workers} files ({num_workers} per process); "
+            f"{accept}"
         )
     return None
 
@@ -174,13 +266,22 @@ def all_ranks_have_batch(accelerator, has_batch: bool) -> bool:
     return int(accelerator.reduce(missing, reduction="max").item()) == 0
 
 
-def batches_in_step(loader: DataLoader, accelerator) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield the loader's batches until any process runs out, so that all processes leave the epoch together."""
+def batches_in_step(
+    loader: DataLoader, accelerator, tally: "EpochTally | None" = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the loader's batches until any process runs out, so that all processes leave the epoch together.
+
+    With a `tally`, count what this process delivered (images, skips, whether it stopped with batches left).
+    """
     iterator = iter(loader)
     while True:
         batch = next(iterator, None)
         if not all_ranks_have_batch(accelerator, batch is not None):
+            if tally is not None:
+                tally.left_over = batch is not None
             return
+        if tally is not None:
+            tally.add(batch)  # before the loop sees the batch (it may pop "skipped")
         yield batch
 
 
@@ -188,26 +289,91 @@ def batches_in_step(loader: DataLoader, accelerator) -> Iterator[dict[str, torch
 # Decoding and skip counts
 
 
-def decode_image(value) -> PIL.Image.Image:
-    """Decode an undecoded image cell ({"bytes", "path"}) fully, or raise `UnusableImage`."""
-    if value is None or (value.get("bytes") is None and value.get("path") is None):
-        raise UnusableImage("missing", "empty image cell")
-    data = value["bytes"]
-    if data is None:
-        try:
-            with xopen(value["path"], "rb") as file:
-                data = file.read()
-        except OSError as error:
-            raise UnusableImage("missing", f"cannot read {value['path']} ({error})") from error
+def decode_image(value, needed_side: int | None = None) -> PIL.Image.Image:
+    """Decode an undecoded image cell ({"bytes", "path"}), or raise `UnusableImage`.
+
+    With `needed_side` (the longest side the views can use, `ViewConfig.source_side`) a JPEG at least twice that
+    size is decoded at 1/2, 1/4 or 1/8 scale (PIL's `draft`, in the JPEG decoder itself), never below `needed_side`
+    on its long side; smaller images and other formats are decoded in full, so their views are unchanged. An image
+    that would still need more than `MAX_DECODED_PIXELS` pixels is skipped as "too_large" before decoding.
+    """
+    data = _image_bytes(value)
     try:
-        image = PIL.Image.open(BytesIO(data))
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS; our own limit, checked after the JPEG reduction, decides instead.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(BytesIO(data))
+        if needed_side is not None:
+            _reduce_on_decode(image, needed_side)
+        _check_decoded_size(image)
         image.load()  # decode now: truncation only shows when the pixels are read
-    except PIL.Image.DecompressionBombError as error:
+    except UnusableImage:
+        raise
+    except PIL.Image.DecompressionBombError as error:  # PIL's own refusal, above 2 * PIL.Image.MAX_IMAGE_PIXELS
         raise UnusableImage("too_large", str(error)) from error
     except Exception as error:  # noqa: BLE001 - broken files raise OSError, SyntaxError, struct.error, ... all skipped
-        reason = "truncated" if "truncated" in str(error).lower() else "undecodable"
+        reason = "truncated" if _ends_early(data, error) else "undecodable"
         raise UnusableImage(reason, f"{type(error).__name__}: {error}") from error
     return image
+
+
+def _image_bytes(value) -> bytes:
+    if value is None or (value.get("bytes") is None and value.get("path") is None):
+        raise UnusableImage("missing", "empty image cell")
+    if value["bytes"] is not None:
+        return value["bytes"]
+    try:
+        with xopen(value["path"], "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise UnusableImage("missing", f"cannot read {value['path']} ({error})") from error
+
+
+def reduction_scale(size: tuple[int, int], needed_side: int) -> int:
+    """The largest JPEG decoding scale 1/s (s = 8, 4 or 2) that keeps the long side at least `needed_side` and the
+    short side at least `MIN_IMAGE_SIDE`; 1 (full size) when none does."""
+    long_side, short_side = max(size), min(size)
+    fits = [s for s in (8, 4, 2) if long_side // s >= needed_side and short_side // s >= MIN_IMAGE_SIDE]
+    return fits[0] if fits else 1
+
+
+def _reduce_on_decode(image: PIL.Image.Image, needed_side: int) -> None:
+    scale = reduction_scale(image.size, needed_side)
+    if scale > 1:
+        width, height = image.size
+        # JPEG only (other formats ignore `draft`): PIL picks the largest s in 8, 4, 2 with s <= min(W // w, H // h),
+        # which for (w, h) = (W // s, H // s) is exactly `scale`; the image becomes ceil(W / s) x ceil(H / s).
+        image.draft(None, (width // scale, height // scale))
+
+
+def _check_decoded_size(image: PIL.Image.Image) -> None:
+    width, height = image.size
+    if width * height > MAX_DECODED_PIXELS:
+        raise UnusableImage(
+            "too_large",
+            f"{width}x{height} px ({image.format}) would be decoded at full size; the limit is "
+            f"{MAX_DECODED_PIXELS} px (training.data.MAX_DECODED_PIXELS; only JPEG can be decoded reduced)",
+        )
+
+
+def _ends_early(data: bytes, error: Exception) -> bool:
+    """Whether a file that failed to decode is cut short ("truncated") rather than corrupt ("undecodable").
+
+    For JPEG, PNG and GIF the file's own end marker decides: PIL says "truncated" whenever its decoder wanted more
+    data, which a corrupt progressive JPEG does too although all its bytes are there. Other formats: PIL's word.
+    """
+    for magic, has_end_marker in _END_MARKERS.items():
+        if data.startswith(magic):
+            return not has_end_marker(data.rstrip(b"\0\r\n\t "))  # tolerate padding after the end marker
+    return "truncated" in str(error).lower()
+
+
+# File signature -> whether the (padding-stripped) bytes end with that format's end marker.
+_END_MARKERS = {
+    b"\xff\xd8\xff": lambda data: data.endswith(b"\xff\xd9"),  # JPEG: EOI marker
+    b"\x89PNG\r\n\x1a\n": lambda data: data[-12:-4] == b"\0\0\0\0IEND",  # PNG: empty IEND chunk + CRC
+    b"GIF8": lambda data: data.endswith(b";"),  # GIF: trailer byte
+}
 
 
 class SkipCounter:
@@ -239,6 +405,73 @@ class SkipCounter:
         summed = SkipCounter()
         summed.add_counts(accelerator.reduce(self.as_tensor().to(accelerator.device), reduction="sum").cpu())
         return summed
+
+
+# Processes whose shares of usable images (of the examples they read) differ by more than this factor are reported
+# by `rank_imbalance_warning`, e.g. 40 % usable on one and 100 % on another.
+IMBALANCE_FACTOR = 2.0
+
+
+@dataclass
+class EpochTally:
+    """What this process's loader delivered in one epoch (filled by `batches_in_step`), to compare processes.
+
+    `images`: usable images in the batches the loop received; `skipped`: images skipped on the way, per reason;
+    `left_over`: the process still had a batch when the epoch ended because another one ran out (all processes stop
+    together), so part of its usable images went untrained this epoch. After a resume, the tally of the resumed
+    epoch covers only its remaining part. Skips reach the tally with the next usable image: a process whose part had
+    none shows 0 skipped (`ImageViewsDataset.survey` counts them).
+    """
+
+    images: int = 0
+    skipped: SkipCounter = field(default_factory=SkipCounter)
+    left_over: bool = False
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        self.images += int(batch["student"].shape[0])
+        self.skipped.add_counts(batch["skipped"])
+
+    @property
+    def usable_fraction(self) -> float:
+        """Usable images per stream example read (0 when nothing was read)."""
+        read = self.images + self.skipped.total
+        return self.images / read if read else 0.0
+
+    def as_dict(self) -> dict:
+        """JSON-ready, for the log."""
+        return {"images": self.images, "skipped": self.skipped.as_dict(), "left_over": self.left_over}
+
+    def gather(self, accelerator) -> list["EpochTally"]:
+        """Every process's tally, in rank order (a collective: call it on every rank, e.g. after each epoch)."""
+        row = torch.cat([torch.tensor([self.images, int(self.left_over)]), self.skipped.as_tensor()])
+        rows = accelerator.gather(row.to(accelerator.device).unsqueeze(0)).cpu()  # (world_size, 2 + len(SKIP_REASONS))
+        return [EpochTally._from_row(values) for values in rows]
+
+    @staticmethod
+    def _from_row(values: torch.Tensor) -> "EpochTally":
+        tally = EpochTally(images=int(values[0]), left_over=bool(values[1]))
+        tally.skipped.add_counts(values[2:])
+        return tally
+
+
+def rank_imbalance_warning(tallies: list[EpochTally], epoch: int) -> str | None:
+    """A warning when processes got very different shares of usable images in `epoch` (see `IMBALANCE_FACTOR`):
+    an unusable shard on one rank starves it, and the others stop the epoch when it runs out."""
+    fractions = [tally.usable_fraction for tally in tallies]
+    if len(tallies) < 2 or min(fractions) * IMBALANCE_FACTOR >= max(fractions):
+        return None
+    per_rank = "; ".join(f"rank {rank}: {_describe(tally)}" for rank, tally in enumerate(tallies))
+    return (
+        f"Epoch {epoch}: the processes got very different shares of usable images ({per_rank}). Every process ends "
+        f"the epoch when one runs out, so the others' remaining images were not trained on. Repair or remove the "
+        f"unusable files, or re-shard the data so that every process gets usable images evenly."
+    )
+
+
+def _describe(tally: EpochTally) -> str:
+    reasons = ", ".join(f"{reason} {count}" for reason, count in tally.skipped.as_dict().items() if count)
+    text = f"{tally.images} images used, {tally.skipped.total} skipped" + (f" ({reasons})" if reasons else "")
+    return text + (", stopped with images left" if tally.left_over else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,6 +556,21 @@ class ImageViewsDataset(torch.utils.data.IterableDataset):
         self.resume_position.load_state_dict(state)
         self.epoch = self.resume_position.epoch
 
+    def survey(self, max_examples: int | None = None) -> "EpochTally":
+        """Usable and unusable images of this rank's part of the current epoch, decoded here without making views.
+
+        For an epoch that gave no batch: skip counts travel with usable images, so a part without any cannot report
+        its skips through the loader. Reads up to `max_examples` stream examples (all by default).
+        """
+        tally = EpochTally()
+        for value in itertools.islice(self._worker_values(0, 1), max_examples):
+            try:
+                to_rgb(decode_image(value, self.view_config.source_side))
+                tally.images += 1
+            except UnusableImage as unusable:
+                tally.skipped.add(unusable.reason)
+        return tally
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker_id, num_workers = _worker_slot()
         worker, start = self._resume_point(worker_id, num_workers)
@@ -369,7 +617,8 @@ class ImageViewsDataset(torch.utils.data.IterableDataset):
             if index < start:  # resume: fast-forward without decoding
                 continue
             try:
-                views = make_views(to_rgb(decode_image(value)), self.view_config, self._rng(worker, index))
+                image = decode_image(value, self.view_config.source_side)
+                views = make_views(to_rgb(image), self.view_config, self._rng(worker, index))
             except UnusableImage as unusable:
                 skipped.add(unusable.reason)
                 continue

@@ -7,16 +7,20 @@ deliberately unusable images (corrupt bytes, a 5x5 px image) are included so tha
 and some in other colour modes (grey, palette, RGBA, CMYK, 16-bit grey) that must be converted, not skipped.
 """
 
+import contextlib
 import io
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import datasets
 from datasets import Dataset, Features, Image
 
+from declip_hf.loading_utils import quiet_transformers
 from declip_hf.tiny import save_tiny_clip, save_tiny_dinov2
 
 # Images that are not usable on purpose: decoding fails, or smaller than the 10 px minimum of §3.
@@ -78,18 +82,36 @@ def write_image_shards(folder: Path, num_images: int, num_shards: int, seed: int
 def make_tiny_assets(root: str | Path, num_images: int = 48, num_shards: int = 2) -> Path:
     """Write the tiny checkpoints and images under `root` unless they are there already; returns `root`.
 
-    Safe when several processes start at once: each writes a private folder and renames it into place; a process
-    that loses the race drops its copy.
+    Says in one line what it writes, without the progress bars of `save_pretrained` and `to_parquet`. Safe when
+    several processes start at once: each writes a private folder and renames it into place; a process that loses
+    the race drops its copy.
     """
     root = Path(root)
     if root.exists():
         return root
+    print(f"Writing the tiny assets (random CLIP and DINOv2 checkpoints, {num_images} generated images) to {root}",
+          file=sys.stderr, flush=True)
     staging = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
-    save_tiny_clip(staging / "clip")
-    save_tiny_dinov2(staging / "dinov2")
-    write_image_shards(staging / "images", num_images, num_shards)
+    with quiet_transformers(), _no_datasets_progress_bars():
+        save_tiny_clip(staging / "clip")
+        save_tiny_dinov2(staging / "dinov2")
+        write_image_shards(staging / "images", num_images, num_shards)
     try:
         os.rename(staging, root)
     except OSError:  # another process finished first
         shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+@contextlib.contextmanager
+def _no_datasets_progress_bars():
+    """`datasets`' bars off for the block, then as they were (unless HF_DATASETS_DISABLE_PROGRESS_BARS decides)."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    forced = datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None  # the environment variable has priority
+    if not forced:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not forced and not was_disabled:
+            datasets.enable_progress_bars()

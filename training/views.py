@@ -97,6 +97,13 @@ class ViewConfig:
         """Side of the VFM view, chosen so the VFM patch grid equals the student's (490 at 560 / 16 with /14)."""
         return self.grid_size * self.vfm_patch
 
+    @property
+    def source_side(self) -> int:
+        """The longest image side the views can use (1344 by default): the student and VFM views need their own
+        side, and a grid cell, whose long side is at least 1 / `max_split` of the image's, needs `teacher_size` there.
+        Larger images lose nothing by being decoded smaller (training/data.py `decode_image`)."""
+        return max(self.student_size, self.vfm_size, self.teacher_size * self.max_split)
+
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """Return `image` as 8-bit RGB, or raise `UnusableImage` ("tiny" under 10 px a side, "mode" if not convertible)."""
