@@ -61,8 +61,17 @@ def _run_in_process(argv: list[str]) -> dict:
         GradientState._reset_state()
 
 
-def _logs(run_dir: Path) -> list[dict]:
+def _all_log_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "logs.jsonl").read_text().splitlines()]
+
+
+def _logs(run_dir: Path) -> list[dict]:
+    """The update records (epoch ends and errors are `event` records)."""
+    return [record for record in _all_log_records(run_dir) if "event" not in record]
+
+
+def _events(run_dir: Path, event: str) -> list[dict]:
+    return [record for record in _all_log_records(run_dir) if record.get("event") == event]
 
 
 # ------------------------------------------------------------------------------------------------ trainable set, optim
@@ -390,7 +399,11 @@ def test_saved_folder_is_self_sufficient(two_process_run, tiny_clip_dir):
     for (name, value), start_value in zip(text.state_dict().items(), start_text.state_dict().values()):
         assert torch.equal(value, start_value), name
     record = json.loads((two_process_run / "training_args.json").read_text())
-    assert record["command"].startswith("accelerate launch training/distill.py")
+    # The launcher's flags are rebuilt from what Accelerate reports (they are not in the script's argv).
+    assert record["command"].startswith("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 "
+                                        "training/distill.py")
+    assert record["launch"]["num_processes"] == 2 and record["launch"]["mixed_precision"] == "no"
+    assert record["args"]["mixed_precision"] == "no"  # the effective precision, not the unset flag
     assert record["args"]["ensemble_alpha"] == 0.7 and record["args"]["decoupled_attention"] == "csa"
     assert set(record["versions"]) == {"torch", "transformers", "accelerate", "datasets", "declip_hf"}
     assert set(record["summary"]["final_losses"]) == {"content", "context", "total"}
