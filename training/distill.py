@@ -934,12 +934,15 @@ def main(argv: list[str] | None = None) -> dict:
         identity = claim_output_dir(args, plan, accelerator)
     except ValueError as error:
         fail(str(error), exit_code=2)
+    run = None
     try:
         with quiet_transformers():
             run = setup_run(args, argv, plan, accelerator, identity)
         train(run)
         summary = finish(run)
     except (TrainingFailed, CheckpointSaveError) as error:
+        if run is not None:
+            run.progress.close()  # ends the progress bar's line, so the error is a line of its own
         fail(str(error), exit_code=1)
     if run.accelerator.is_main_process:
         losses = ", ".join(f"{name} {_format_loss(value)}" for name, value in summary["final_losses"].items())
