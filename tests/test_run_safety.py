@@ -118,6 +118,14 @@ def test_output_folder_belongs_to_one_run(tmp_path, tiny_clip_dir, tiny_dinov2_d
     assert "Resuming from checkpoint-4" in out and "Resuming with changed" in out
     assert "--logging_steps: 1 in the checkpoint, 2 now" in out
 
+    # A checkpoint continued in another folder: that folder must not hold a different run either.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "training_args.json").write_text(json.dumps({"run_identity": {"lr": 1.0}}))
+    line = _fails(["--config", config, *base, *TRAINING, "--resume_from_checkpoint",
+                   run_dir / "checkpoints" / "checkpoint-4", "--output_dir", other], capsys, exit_code=2)
+    assert "already holds training_args.json of another run" in line
+
     # --overwrite_output_dir starts afresh: the old checkpoints are gone, the record is the new run's.
     (run_dir / "notes.txt").write_text("not a run output")
     _run(base + ["--max_steps", 2, "--lr", 1e-3, "--per_device_batch_size", 3, "--overwrite_output_dir"])

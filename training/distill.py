@@ -540,8 +540,9 @@ def claim_output_dir(args: argparse.Namespace, plan: RunPlan, accelerator: Accel
     run_dir = Path(args.output_dir)
     if plan.resume_path is not None:
         check_resume_matches(plan.resume_path, identity, args, accelerator.is_main_process)
-    else:
-        check_fresh_start(run_dir, identity, args)
+    if plan.resume_path is None or plan.resume_path.resolve().parent != (run_dir / "checkpoints").resolve():
+        # a fresh start, or a checkpoint from elsewhere continued here: RUN_DIR must not hold a different run
+        check_output_dir_free(run_dir, identity, args, resuming=plan.resume_path is not None)
     accelerator.wait_for_everyone()  # every process has checked before the main one deletes anything
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, args, resuming=plan.resume_path is not None)
@@ -577,15 +578,15 @@ def _describe_differences(differences: dict[str, tuple]) -> str:
     return "; ".join(lines)
 
 
-def check_fresh_start(run_dir: Path, identity: dict, args: argparse.Namespace) -> None:
-    """A new run may only write into a folder without another run's outputs (or with --overwrite_output_dir)."""
+def check_output_dir_free(run_dir: Path, identity: dict, args: argparse.Namespace, resuming: bool) -> None:
+    """A run may only write into a folder without another run's outputs (or with --overwrite_output_dir)."""
     outputs = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if not outputs or args.overwrite_output_dir:
         return
     recorded = _recorded_identity(run_dir)
     differences = identity_differences(recorded, identity) if recorded is not None else None
-    if args.resume_from_checkpoint == "latest" and differences == {}:
-        return  # the same run, killed before its first checkpoint: it starts again
+    if differences == {} and (resuming or args.resume_from_checkpoint == "latest"):
+        return  # the same run: continued from a copied checkpoint, or killed before its first checkpoint
     owner = "an earlier run with the same settings" if differences == {} else "another run"
     detail = f" ({_describe_differences(differences)})" if differences else ""
     raise ValueError(f"--output_dir {str(run_dir)!r} already holds {', '.join(outputs)} of {owner}{detail}. "
