@@ -434,7 +434,8 @@ def test_uneven_shards_are_counted_per_process_and_warned_about(uneven_two_proce
 def test_resuming_with_fewer_processes_is_refused(uneven_two_process_run, capsys):
     run_dir, argv, _ = uneven_two_process_run
     line = _fails(argv + ["--max_steps", 3, "--resume_from_checkpoint", "latest"], capsys, exit_code=2)
-    assert "processes (relaunch with `accelerate launch --num_processes 2`" in line and "2 in the checkpoint, 1 now" in line
+    assert "processes (relaunch with `accelerate launch --num_processes 2`" in line
+    assert "2 in the checkpoint, 1 now" in line
 
 
 def test_resuming_with_more_processes_is_refused(tmp_path, tiny_clip_dir, tiny_dinov2_dir, shards):
