@@ -89,7 +89,10 @@ class TrainingFailed(RuntimeError):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """`--help` shows every default and keeps the description's layout (its example commands)."""
+    """`--help` shows every default that is set and keeps the description's layout (its example commands)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):

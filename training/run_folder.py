@@ -83,11 +83,11 @@ def check_resume_matches(resume_path: Path, identity: dict, args: argparse.Names
         print(f"Resuming with changed {_describe_differences(changed)} (these may change on resume).")
 
 
-def _describe_differences(differences: dict[str, tuple]) -> str:
+def _describe_differences(differences: dict[str, tuple], where: str = "in the checkpoint") -> str:
     lines = []
     for key, (saved, current) in differences.items():
         label = LAUNCH_SETTINGS.get(key, "--" + key).format(saved=saved)
-        lines.append(f"{label}: {saved!r} in the checkpoint, {current!r} now")
+        lines.append(f"{label}: {saved!r} {where}, {current!r} now")
     return "; ".join(lines)
 
 
@@ -101,7 +101,7 @@ def check_output_dir_free(run_dir: Path, identity: dict, args: argparse.Namespac
     if differences == {} and (resuming or args.resume_from_checkpoint == "latest"):
         return  # the same run: continued from a copied checkpoint, or killed before its first checkpoint
     owner = "an earlier run with the same settings" if differences == {} else "another run"
-    detail = f" ({_describe_differences(differences)})" if differences else ""
+    detail = f" ({_describe_differences(differences, 'recorded there')})" if differences else ""
     raise ValueError(f"--output_dir {str(run_dir)!r} already holds {', '.join(outputs)} of {owner}{detail}. "
                      f"Continue it with --resume_from_checkpoint latest (and its settings), choose a new "
                      f"--output_dir, or pass --overwrite_output_dir to delete those outputs.")
