@@ -84,7 +84,7 @@ def save_checkpoint(
     except OSError as error:
         raise CheckpointSaveError(_save_failure_message(error, final, checkpoints_dir)) from error
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)  # an older save of the same step (after resuming further back)
+        remove_checkpoint(final)  # an older save of the same step (after resuming further back)
         staging.rename(final)
         prune_checkpoints(checkpoints_dir, total_limit)
         remove_orphans(checkpoints_dir)
@@ -159,8 +159,7 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict]:
             f"processes; resume with the same number of processes."
         )
     accelerator.load_state(str(path))
-    trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    return trainer_state, json.loads(data_position_path.read_text())
+    return read_trainer_state(path), json.loads(data_position_path.read_text())
 
 
 def read_trainer_state(path: Path) -> dict:
