@@ -27,6 +27,7 @@ from training.checkpointing import (
 )
 from training.progress import TrainingProgress, read_log_records, uneven_ranks_warning
 from training.tiny_assets import bad_images, encode, synthetic_image, write_image_shards
+from training.views import SKIP_REASONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT_SIZE = 64  # tiny CLIP patch 4 -> a 16 x 16 grid
@@ -191,7 +192,7 @@ def test_log_records_stay_json_with_non_finite_values(tmp_path):
 
     progress = TrainingProgress(OneProcess(), tmp_path / "logs.jsonl", total_steps=1, logging_steps=1)
     progress.add_micro_batch({name: torch.tensor(1.0) for name in ("content", "context", "total")}, 2,
-                             torch.zeros(6, dtype=torch.long))
+                             torch.zeros(len(SKIP_REASONS), dtype=torch.long))
     progress.end_update(epoch=0, lr=float("nan"))
     progress.close()
     (record,) = _strict_json_lines(tmp_path / "logs.jsonl")
@@ -262,6 +263,16 @@ def test_disk_full_while_saving_is_a_clear_error_and_leaves_no_marked_checkpoint
                         2), capsys, exit_code=1)
     assert "Could not save checkpoint-2" in line and "the disk is full" in line and "not marked complete" in line
     assert not completed_checkpoints(run_dir / "checkpoints")
+
+
+def test_disk_full_while_saving_the_model_is_a_clear_error(tmp_path, tiny_clip_dir, tiny_dinov2_dir, shards,
+                                                            monkeypatch, capsys):
+    def disk_full(student, folder, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(distill, "save_model", disk_full)
+    line = _fails(_argv(tiny_clip_dir, tiny_dinov2_dir, shards, tmp_path / "run", "--max_steps", 1), capsys, 1)
+    assert "Could not save the model" in line and "No space left on device" in line and "Free space" in line
 
 
 # ------------------------------------------------------------------------------------------------ §4 early errors
