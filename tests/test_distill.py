@@ -29,7 +29,7 @@ from training.optim import (
 from training.progress import LOSS_NAMES, TrainingProgress
 from training.teachers import FrozenCLIPTeacher, FrozenVFM
 from training.tiny_assets import NUM_BAD_IMAGES, synthetic_image, write_image_shards
-from training.views import ViewConfig, make_views, to_rgb
+from training.views import SKIP_REASONS, ViewConfig, make_views, to_rgb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Tiny CLIP: patch 4, image 32 -> student view 64 px is a 16 x 16 grid; tiny DINOv2 patch 2 -> VFM view 32 px.
@@ -45,8 +45,8 @@ def _batch(num_images: int, seed: int) -> dict[str, torch.Tensor]:
     images = [to_rgb(synthetic_image(index, rng)) for index in range(num_images)]
     examples = [make_views(image, _tiny_view_config(), random.Random(seed + i)) for i, image in enumerate(images)]
     for example in examples:
-        example.update(skipped=torch.zeros(6, dtype=torch.long), worker=torch.tensor(0), num_workers=torch.tensor(1),
-                       stream_position=torch.tensor(0))
+        example.update(skipped=torch.zeros(len(SKIP_REASONS), dtype=torch.long), worker=torch.tensor(0),
+                       num_workers=torch.tensor(1), stream_position=torch.tensor(0))
     return collate_views(examples)
 
 
@@ -61,8 +61,17 @@ def _run_in_process(argv: list[str]) -> dict:
         GradientState._reset_state()
 
 
-def _logs(run_dir: Path) -> list[dict]:
+def _all_log_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "logs.jsonl").read_text().splitlines()]
+
+
+def _logs(run_dir: Path) -> list[dict]:
+    """The update records (epoch ends and errors are `event` records)."""
+    return [record for record in _all_log_records(run_dir) if "event" not in record]
+
+
+def _events(run_dir: Path, event: str) -> list[dict]:
+    return [record for record in _all_log_records(run_dir) if record.get("event") == event]
 
 
 # ------------------------------------------------------------------------------------------------ trainable set, optim
@@ -146,7 +155,7 @@ class _RecordingAccelerator:
 def test_progress_reduces_float32_losses_and_int64_counts(tmp_path):
     accelerator = _RecordingAccelerator()
     progress = TrainingProgress(accelerator, tmp_path / "logs.jsonl", total_steps=1, logging_steps=1)
-    skipped = torch.arange(6)
+    skipped = torch.arange(len(SKIP_REASONS))
     for content, context in [(0.5, 2.0), (0.25, 4.0)]:
         terms = {"content": torch.tensor(content), "context": torch.tensor(context)}
         terms["total"] = terms["content"] + 0.1 * terms["context"]
@@ -156,7 +165,7 @@ def test_progress_reduces_float32_losses_and_int64_counts(tmp_path):
     assert sorted(str(tensor.dtype) for tensor in accelerator.reduced) == ["torch.float32", "torch.int64"]
     assert record["loss/content"] == pytest.approx(0.375) and record["loss/context"] == pytest.approx(3.0)
     assert record["loss/total"] == pytest.approx(0.375 + 0.3)
-    assert record["images_seen"] == 6 and record["skipped_total"] == 2 * sum(range(6))
+    assert record["images_seen"] == 6 and record["skipped_total"] == 2 * sum(range(len(SKIP_REASONS)))
     assert set(LOSS_NAMES) == {"content", "context", "total"}
 
 
@@ -392,7 +401,11 @@ def test_saved_folder_is_self_sufficient(two_process_run, tiny_clip_dir):
     for (name, value), start_value in zip(text.state_dict().items(), start_text.state_dict().values()):
         assert torch.equal(value, start_value), name
     record = json.loads((two_process_run / "training_args.json").read_text())
-    assert record["command"].startswith("accelerate launch training/distill.py")
+    # The launcher's flags are rebuilt from what Accelerate reports (they are not in the script's argv).
+    assert record["command"].startswith("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 "
+                                        "training/distill.py")
+    assert record["launch"]["num_processes"] == 2 and record["launch"]["mixed_precision"] == "no"
+    assert record["args"]["mixed_precision"] == "no"  # the effective precision, not the unset flag
     assert record["args"]["ensemble_alpha"] == 0.7 and record["args"]["decoupled_attention"] == "csa"
     assert set(record["versions"]) == {"torch", "transformers", "accelerate", "datasets", "declip_hf"}
     assert set(record["summary"]["final_losses"]) == {"content", "context", "total"}

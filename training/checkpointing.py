@@ -4,18 +4,30 @@ an interrupted save is never resumed from, pruned to a retention limit.
 `RUN_DIR/checkpoints/checkpoint-<step>/` holds Accelerate's files (model, optimizer, scheduler, one RNG file per
 process), `trainer_state.json` (step, epoch, totals), `data_position_rank<r>.json` (each process's place in its
 stream) and, written last, the `COMPLETED` marker. A checkpoint is first written under a hidden temporary name and
-renamed only once complete; `latest` only considers folders with the marker. Every process must call these
-functions (they contain barriers), on a file system all processes share.
+renamed only once complete; `latest` only considers folders with the marker. Pruning removes the marker before the
+files, so a kill mid-prune never leaves a half-deleted folder that claims to be complete; such leftovers (unmarked
+`checkpoint-*` and `.tmp-*` folders) are removed at start-up and after every save. Every process must call the save
+and load functions (they contain barriers), on a file system all processes share.
+
+`trainer_state.json` also records the run's identity (`RUN_IDENTITY_KEY`): the arguments and launch settings that
+determine what the run computes, so that a resume can refuse to continue a different run (`identity_differences`).
 """
 
+import errno
 import json
 import re
 import shutil
 from pathlib import Path
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STAGING_PREFIX = ".tmp-"
 COMPLETED_MARKER = "COMPLETED"
 TRAINER_STATE = "trainer_state.json"
+RUN_IDENTITY_KEY = "run_identity"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); it was not marked complete."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -60,9 +72,27 @@ def _data_position_file(rank: int) -> str:
 def save_checkpoint(
     accelerator, checkpoints_dir: Path, step: int, trainer_state: dict, data_position: dict, total_limit: int | None
 ) -> Path:
-    """Save a complete checkpoint of `step` (call on every process)."""
+    """Save a complete checkpoint of `step` (call on every process).
+
+    Raises `CheckpointSaveError` naming the fix when the files cannot be written (disk full, quota, permissions);
+    the partial copy stays unmarked under its temporary name and is removed at the next start.
+    """
     final = checkpoints_dir / checkpoint_name(step)
-    staging = checkpoints_dir / f".tmp-{checkpoint_name(step)}"
+    staging = checkpoints_dir / f"{STAGING_PREFIX}{checkpoint_name(step)}"
+    try:
+        _write_staging(accelerator, staging, trainer_state, data_position, step)
+    except OSError as error:
+        raise CheckpointSaveError(_save_failure_message(error, final, checkpoints_dir)) from error
+    if accelerator.is_main_process:
+        remove_checkpoint(final)  # an older save of the same step (after resuming further back)
+        staging.rename(final)
+        prune_checkpoints(checkpoints_dir, total_limit)
+        remove_orphans(checkpoints_dir)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_staging(accelerator, staging: Path, trainer_state: dict, data_position: dict, step: int) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # left over by an interrupted save
         staging.mkdir(parents=True)
@@ -72,12 +102,16 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        (staging / COMPLETED_MARKER).write_text(f"{step}\n")
-        shutil.rmtree(final, ignore_errors=True)  # an older save of the same step (after resuming further back)
-        staging.rename(final)
-        prune_checkpoints(checkpoints_dir, total_limit)
-    accelerator.wait_for_everyone()
-    return final
+        (staging / COMPLETED_MARKER).write_text(f"{step}\n")  # last: only a complete copy is ever marked
+
+
+def _save_failure_message(error: OSError, final: Path, checkpoints_dir: Path) -> str:
+    completed = completed_checkpoints(checkpoints_dir)
+    fallback = f"the newest complete one is {completed[-1].name}" if completed else "there is no complete one yet"
+    cause = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else str(error)
+    return (f"Could not save {final.name} in {checkpoints_dir} ({cause}); it was not marked complete and "
+            f"{fallback}. Free space (or lower --checkpoints_total_limit, or choose another --output_dir), then "
+            f"relaunch with --resume_from_checkpoint latest.")
 
 
 def prune_checkpoints(checkpoints_dir: Path, total_limit: int | None) -> None:
@@ -86,7 +120,34 @@ def prune_checkpoints(checkpoints_dir: Path, total_limit: int | None) -> None:
     if total_limit is None or len(completed) <= total_limit:
         return
     for path in completed[: len(completed) - total_limit]:
-        shutil.rmtree(path)
+        remove_checkpoint(path)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Unmark, then delete: a kill in between leaves an unmarked folder (an orphan), never a marked partial one."""
+    (path / COMPLETED_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def orphans(checkpoints_dir: Path) -> list[Path]:
+    """Folders no resume can use: unmarked `checkpoint-*` (interrupted prunes) and `.tmp-*` (interrupted saves)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(
+        path
+        for path in checkpoints_dir.iterdir()
+        if path.is_dir()
+        and (path.name.startswith(STAGING_PREFIX)
+             or (CHECKPOINT_PATTERN.match(path.name) and not (path / COMPLETED_MARKER).exists()))
+    )
+
+
+def remove_orphans(checkpoints_dir: Path) -> list[Path]:
+    """Delete `orphans(checkpoints_dir)` (main process only, while no save is in progress); returns them."""
+    found = orphans(checkpoints_dir)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
 
 
 def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict]:
@@ -98,5 +159,22 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict]:
             f"processes; resume with the same number of processes."
         )
     accelerator.load_state(str(path))
-    trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    return trainer_state, json.loads(data_position_path.read_text())
+    return read_trainer_state(path), json.loads(data_position_path.read_text())
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((Path(path) / TRAINER_STATE).read_text())
+
+
+def identity_differences(saved: dict, current: dict) -> dict[str, tuple]:
+    """{key: (saved value, current value)} for every key whose value differs between two run identities."""
+    return {
+        key: (saved.get(key), current.get(key))
+        for key in sorted(set(saved) | set(current))
+        if _comparable(saved.get(key)) != _comparable(current.get(key))
+    }
+
+
+def _comparable(value):
+    # JSON turns tuples into lists; compare what a round trip through trainer_state.json would give.
+    return json.loads(json.dumps(value))

@@ -7,16 +7,25 @@ features of grid crops vs. the teacher's crop embeddings) and context from a fro
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 \\
         training/distill.py --config configs/declip_vitb16_coco.yaml
 
+On a machine without GPUs, two processes need Accelerate's CPU switch (plain `--num_processes 2` starts one):
+
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 training/distill.py --config configs/tiny.yaml
+
 Every flag can also be a key of the `--config` YAML file; flags given on the command line win. Outputs go to
-`--output_dir` (RUN_DIR): `model/` (the distilled model), `training_args.json`, `logs.jsonl`, `checkpoints/`.
+`--output_dir` (RUN_DIR): `model/` (the distilled model), `training_args.json`, `logs.jsonl`, `checkpoints/`,
+`tensorboard/`. A RUN_DIR belongs to one run: a new run refuses a folder holding another run's outputs unless
+given `--overwrite_output_dir`, and a resume refuses a checkpoint whose run had different settings.
 """
 
 import argparse
 import hashlib
+import itertools
 import json
+import math
 import os
+import random
+import re
 import shlex
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +39,7 @@ import torch
 import transformers
 import yaml
 from accelerate import Accelerator
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
@@ -38,11 +48,19 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import declip_hf
 from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPDenseOutput, DeCLIPVisionConfig, DeCLIPVisionModel
 from declip_hf.loading_utils import image_normalisation, quiet_transformers
-from training.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from training.checkpointing import (
+    RUN_IDENTITY_KEY,
+    CheckpointSaveError,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from training.data import (
     ImageViewsDataset,
+    SkipCounter,
     StreamPosition,
     batches_in_step,
+    decode_image,
     make_dataloader,
     open_image_stream,
     shard_for_process,
@@ -52,10 +70,11 @@ from training.export import save_model
 from training.losses import DeCLIPLoss
 from training.optim import LR_SCALINGS, build_optimizer, build_scheduler, configure_trainable, scaled_learning_rate
 from training.optim import total_update_steps
-from training.progress import TrainingProgress
+from training.progress import LOSS_NAMES, EpochImageCounts, TrainingProgress
+from training.run_folder import claim_output_dir, resumable_args
 from training.teachers import FrozenCLIPTeacher, FrozenVFM, check_vfm_config
 from training.tiny_assets import make_tiny_assets
-from training.views import ViewConfig
+from training.views import UnusableImage, ViewConfig, make_views, to_rgb
 
 FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STUDENT_MODEL_TYPES = ("clip", "clip_vision_model", DeCLIPVisionConfig.model_type)
@@ -65,8 +84,34 @@ STUDENT_MODEL_TYPES = ("clip", "clip_vision_model", DeCLIPVisionConfig.model_typ
 # Arguments
 
 
+class TrainingFailed(RuntimeError):
+    """The run cannot go on (diverged, no usable data, disk full); the message says why and what to do."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` shows every default that is set and keeps the description's layout (its example commands)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Errors are one line on stderr (exit code 2), printed by one process only: no usage block to scroll past,
+    and not once per process under `accelerate launch`."""
+
+    def error(self, message: str):
+        if is_first_process():
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        self.exit(2)
+
+
+def is_first_process() -> bool:
+    """Rank 0 as the launcher numbers processes (known before Accelerate starts)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="distill.py", description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     add = parser.add_argument
     flag = argparse.BooleanOptionalAction
     add("--config", help="YAML file whose keys are these flags' names (without --); command-line flags override it.")
@@ -132,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         "start if there is none) or a checkpoint folder.")
     add("--report_to", default="auto", help="Accelerate trackers: 'auto' (tensorboard when installed), 'none', "
         "'all' or a comma-separated list. RUN_DIR/logs.jsonl is always written.")
+    add("--overwrite_output_dir", action=flag, default=False, help="Delete the run outputs (model/, checkpoints/, "
+        "logs, ...) already in --output_dir and start afresh. Without it, a folder holding another run is refused.")
+    add("--on_nonfinite", default="stop", choices=("stop", "skip"), help="What a non-finite (NaN/inf) loss does: "
+        "'stop' ends the run with an error (nothing more is saved); 'skip' drops that update (the optimizer does not "
+        "step; the schedule advances), logs a warning and counts it as `nonfinite_updates`.")
     add("--logging_steps", type=int, default=10, help="Log every N updates.")
     add("--log_image_hashes", action=flag, default=False, help="Debug: write a hash of every image each process "
         "trains on to RUN_DIR/debug/image_hashes_rank<r>.txt (to check that processes see disjoint data).")
@@ -166,10 +216,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     config_argv = []
     if known.config:
         try:
-            config_argv = yaml_to_argv(yaml.safe_load(Path(known.config).read_text()) or {}, parser)
+            config_argv = yaml_to_argv(read_yaml_config(Path(known.config)), parser)
         except (OSError, ValueError, yaml.YAMLError) as error:
             parser.error(f"--config {known.config}: {error}")
     return parser.parse_args(config_argv + argv)  # later tokens win: the command line overrides the file
+
+
+def read_yaml_config(path: Path) -> dict:
+    config = yaml.safe_load(path.read_text())
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ValueError(f"the file must map flag names to values (e.g. `lr: 1.0e-5`, one per line), but it holds "
+                         f"a {type(config).__name__}: {str(config)[:60]!r}.")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -190,6 +250,9 @@ def check_args(args: argparse.Namespace) -> RunPlan:
     for name in ("student", "vfm", "dataset"):
         if not getattr(args, name):
             raise ValueError(f"--{name} is required (on the command line or in the --config file).")
+    _check_numbers(args)
+    check_output_dir_usable(Path(args.output_dir))
+    resolve_trackers(args.report_to)
     student_config = _read_config(args.student, "--student")
     if student_config.model_type not in STUDENT_MODEL_TYPES:
         raise ValueError(f"--student {args.student!r} is a {student_config.model_type!r} model; give a CLIP "
@@ -197,7 +260,7 @@ def check_args(args: argparse.Namespace) -> RunPlan:
     student_config = DeCLIPVisionConfig.from_pretrained(args.student)
     vfm_config = _read_config(args.vfm, "--vfm")
     check_vfm_config(vfm_config, args.vfm)
-    _check_numbers(args, student_config)
+    _check_model_numbers(args, student_config)
     view_config = _view_config(args, student_config, vfm_config)
     try:
         stream = open_image_stream(args.dataset, args.split, args.image_column, data_files=args.data_files)
@@ -207,30 +270,92 @@ def check_args(args: argparse.Namespace) -> RunPlan:
     if args.max_steps is None and images_per_epoch is None:
         raise ValueError(f"The size of {args.dataset!r} is unknown while streaming: give --max_steps, or "
                          f"--images_per_epoch with --epochs.")
-    resume_path = resolve_resume(args.resume_from_checkpoint, Path(args.output_dir) / "checkpoints")
-    return RunPlan(view_config, images_per_epoch, resume_path)
+    return RunPlan(view_config, images_per_epoch, _resume_path(args))
+
+
+def _resume_path(args: argparse.Namespace) -> Path | None:
+    checkpoints_dir = Path(args.output_dir) / "checkpoints"
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        inside = args.resume_from_checkpoint == "latest" or Path(args.output_dir).resolve() in \
+            Path(args.resume_from_checkpoint).resolve().parents
+        if inside:
+            raise ValueError("--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint "
+                             f"{args.resume_from_checkpoint!r} would resume from; give one of the two.")
+    return resolve_resume(args.resume_from_checkpoint, checkpoints_dir)
+
+
+# A Hub repository id: "name" or "org/name" (letters, digits, "-", "_", ".").
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def _read_config(name: str, flag: str) -> PretrainedConfig:
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"{flag} {name!r} is a folder without config.json: give the folder a model was saved to "
+                         f"(`save_pretrained`), or a Hub id.")
+    if not path.exists() and (not HUB_ID.match(name) or name.startswith((".", "/", "~"))):
+        raise ValueError(f"{flag} {name!r}: no such folder, and not a Hub id (org/name either); check the path.")
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
         raise ValueError(f"{flag} {name!r}: cannot read its config.json ({error}).") from error
 
 
-def _check_numbers(args: argparse.Namespace, student_config: DeCLIPVisionConfig) -> None:
-    num_layers = student_config.num_hidden_layers
-    if args.num_trainable_layers is not None and not 1 <= args.num_trainable_layers <= num_layers:
-        raise ValueError(f"--num_trainable_layers must be between 1 and {num_layers} for this student.")
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The flags' own ranges, before any file is read."""
     if not 0.0 <= args.ensemble_alpha <= 1.0:
         raise ValueError(f"--ensemble_alpha must be in [0, 1] (1 disables ensembling), got {args.ensemble_alpha}.")
     positive = ("per_device_batch_size", "gradient_accumulation_steps", "epochs", "logging_steps", "max_steps",
-                "stop_after_steps", "checkpointing_steps", "checkpoints_total_limit", "images_per_epoch")
+                "stop_after_steps", "checkpointing_steps", "checkpoints_total_limit", "images_per_epoch",
+                "shuffle_input_shards", "max_split", "max_crops", "student_size", "teacher_size")
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    for name in ("dataloader_num_workers", "warmup_steps", "shuffle_buffer"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be 0 or more, got {getattr(args, name)}.")
+    _check_optimiser_numbers(args)
+    for name in ("content_weight", "context_weight"):
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be a finite number >= 0, got {getattr(args, name)}.")
+    if args.content_weight == 0 and args.context_weight == 0:
+        raise ValueError("--content_weight and --context_weight are both 0: nothing would be learnt; give at least "
+                         "one a positive weight (the recipe: 1.0 and 0.1).")
     if args.stop_after_steps is not None and args.checkpointing_steps is None:
         raise ValueError("--stop_after_steps needs --checkpointing_steps, so that the run can be resumed.")
+
+
+def _check_optimiser_numbers(args: argparse.Namespace) -> None:
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr} (the recipe: 1e-5 for a total batch of 16).")
+    for beta in args.betas:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"--betas must both be in [0, 1), got {args.betas} (the recipe: 0.9 0.98).")
+    if not math.isfinite(args.eps) or args.eps <= 0:
+        raise ValueError(f"--eps must be a finite number > 0, got {args.eps} (the recipe: 1e-6).")
+    if not math.isfinite(args.weight_decay) or args.weight_decay < 0:
+        raise ValueError(f"--weight_decay must be a finite number >= 0, got {args.weight_decay}.")
+
+
+def _check_model_numbers(args: argparse.Namespace, student_config: DeCLIPVisionConfig) -> None:
+    """The flags whose valid range depends on the student."""
+    num_layers, patch = student_config.num_hidden_layers, student_config.patch_size
+    if args.num_trainable_layers is not None and not 1 <= args.num_trainable_layers <= num_layers:
+        raise ValueError(f"--num_trainable_layers must be between 1 and {num_layers} for this student.")
+    if args.teacher_size is not None and args.teacher_size % patch:
+        lower = args.teacher_size - args.teacher_size % patch
+        raise ValueError(f"--teacher_size {args.teacher_size} is not a multiple of the student's patch size {patch}; "
+                         f"use e.g. {max(lower, patch)} or {lower + patch} (default: {student_config.image_size}).")
+
+
+def check_output_dir_usable(run_dir: Path) -> None:
+    """--output_dir must be a folder (or creatable as one) that this user can write to."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--output_dir {str(run_dir)!r} is a file; give a folder (it is created if missing).")
+    existing = next(folder for folder in (run_dir, *run_dir.absolute().parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir {str(run_dir)!r} cannot be written ({existing} is not a writable folder); "
+                         f"choose a folder you can write to.")
 
 
 def _view_config(args: argparse.Namespace, student_config, vfm_config) -> ViewConfig:
@@ -240,7 +365,7 @@ def _view_config(args: argparse.Namespace, student_config, vfm_config) -> ViewCo
         return ViewConfig(
             student_size=args.student_size,
             student_patch=student_config.patch_size,
-            teacher_size=args.teacher_size or student_config.image_size,
+            teacher_size=student_config.image_size if args.teacher_size is None else args.teacher_size,
             vfm_patch=vfm_config.patch_size,
             max_split=args.max_split,
             max_crops=args.max_crops,
@@ -315,15 +440,30 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The run
+# Launch: trackers and processes
 
 
 def resolve_trackers(report_to: str) -> list[str] | str:
+    """--report_to as Accelerate's `log_with`. Raises ValueError for an unknown tracker or one not installed (a run
+    that was asked to report somewhere must not quietly report nowhere)."""
     if report_to == "auto":
         return ["tensorboard"] if _tensorboard_installed() else []
     if report_to in ("none", ""):
         return []
-    return "all" if report_to == "all" else [name.strip() for name in report_to.split(",")]
+    if report_to == "all":
+        return "all"
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"--report_to: unknown tracker(s) {unknown}; valid: auto, none, all or a comma-separated "
+                         f"list of {', '.join(known)}.")
+    installed = {str(tracker) for tracker in get_available_trackers()}
+    missing = [name for name in names if name not in installed]
+    if missing:
+        raise ValueError(f"--report_to {report_to!r}: {', '.join(missing)} is not installed; `pip install "
+                         f"{' '.join(missing)}`, or pass --report_to none (RUN_DIR/logs.jsonl is always written).")
+    return names
 
 
 def _tensorboard_installed() -> bool:
@@ -336,12 +476,31 @@ def _tensorboard_installed() -> bool:
 
 def build_accelerator(args: argparse.Namespace, run_dir: Path) -> Accelerator:
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard"))
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=resolve_trackers(args.report_to) or None,
         project_config=project,
     )
+    check_world_size(accelerator)
+    return accelerator
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    """A launcher that starts N processes Accelerate does not join (e.g. `--multi_gpu` on a machine without GPUs)
+    leaves N independent one-process runs writing into one folder: refuse it."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise ValueError(
+            f"The launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate joined "
+            f"{accelerator.num_processes}: each would train alone and all would write into --output_dir. On a "
+            f"machine without GPUs launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes "
+            f"{launched} training/distill.py ...`; with GPUs, check that each process sees one."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
 
 
 @dataclass
@@ -349,8 +508,10 @@ class Run:
     """Everything the loop touches."""
 
     args: argparse.Namespace
+    argv: list[str]  # the script's command line (for the record)
     accelerator: Accelerator
     run_dir: Path
+    identity: dict
     student: nn.Module  # the prepared DenseStudent
     teacher: FrozenCLIPTeacher
     vfm: FrozenVFM
@@ -361,11 +522,12 @@ class Run:
     position: StreamPosition
     progress: TrainingProgress
     total_steps: int
+    nonfinite_in_update: bool = False  # a micro-batch of the current update had a non-finite loss (skip mode)
 
 
-def setup_run(args: argparse.Namespace, plan: RunPlan) -> Run:
+def setup_run(args: argparse.Namespace, argv: list[str], plan: RunPlan, accelerator: Accelerator,
+              identity: dict) -> Run:
     run_dir = Path(args.output_dir)
-    accelerator = build_accelerator(args, run_dir)
     set_seed(args.seed)
     student, teacher, vfm = build_models(args, accelerator.device)
     total_batch = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -376,22 +538,34 @@ def setup_run(args: argparse.Namespace, plan: RunPlan) -> Run:
     scheduler = build_scheduler(optimizer, args.warmup_steps, total_steps, accelerator.num_processes)
     prepared, optimizer, scheduler = accelerator.prepare(DenseStudent(student), optimizer, scheduler)
     dataset = build_dataset(args, plan, accelerator)
-    position, progress_state = StreamPosition(), None
+    position, progress_state, epoch_images = StreamPosition(), None, None
     if plan.resume_path is not None:
         trainer_state, data_position = load_checkpoint(accelerator, plan.resume_path)
         dataset.load_stream_state(data_position)
         position.load_state_dict(data_position)
-        progress_state = trainer_state["progress"]
+        progress_state, epoch_images = trainer_state["progress"], data_position.get("epoch_images")
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if plan.resume_path is None:
-            shutil.rmtree(run_dir / "debug", ignore_errors=True)  # traces of an earlier run in the same folder
-    accelerator.wait_for_everyone()
+        print(startup_summary(args, accelerator, total_batch, lr, total_steps))
+        if plan.resume_path is not None:
+            print(f"Resuming from {plan.resume_path.name} (update {progress_state['step']} of {total_steps}, "
+                  f"epoch {position.epoch}).")
+        write_training_args(run_dir / "training_args.json", args, argv, accelerator, identity, summary={})
     progress = TrainingProgress(accelerator, run_dir / "logs.jsonl", total_steps, args.logging_steps, progress_state)
+    progress.epoch_images = EpochImageCounts(epoch_images)
     accelerator.init_trackers("declip_distill", config=_tracker_config(args))
     loss_fn = DeCLIPLoss(args.content_weight, args.context_weight)
-    return Run(args, accelerator, run_dir, prepared, teacher, vfm, loss_fn, optimizer, scheduler, dataset, position,
-               progress, total_steps)
+    return Run(args, argv, accelerator, run_dir, identity, prepared, teacher, vfm, loss_fn, optimizer, scheduler,
+               dataset, position, progress, total_steps)
+
+
+def startup_summary(args: argparse.Namespace, accelerator: Accelerator, total_batch: int, lr: float,
+                    total_steps: int) -> str:
+    return (f"Distilling on {accelerator.num_processes} process(es) ({accelerator.device.type}): "
+            f"{args.per_device_batch_size} images per device x {accelerator.num_processes} x "
+            f"{args.gradient_accumulation_steps} accumulation = total batch {total_batch}; lr {args.lr:g} -> "
+            f"{lr:.3g} ({args.lr_scaling} scaling); {total_steps} updates ({args.warmup_steps} warmup); precision "
+            f"{accelerator.mixed_precision}; teachers: {args.student} (content), {args.vfm} (context), "
+            f"{args.frozen_dtype}.")
 
 
 def _tracker_config(args: argparse.Namespace) -> dict:
@@ -410,15 +584,18 @@ def train(run: Run) -> None:
         if run.position.epoch != epoch:
             run.position.start_epoch(epoch)
         run.dataset.set_epoch(epoch)
-        updates_before = run.progress.step
-        for batch in batches_in_step(make_dataloader(run.dataset, run.args.per_device_batch_size,
-                                                     run.args.dataloader_num_workers), run.accelerator):
+        updates_before, stopped = run.progress.step, False
+        loader = ExhaustionTracking(make_dataloader(run.dataset, run.args.per_device_batch_size,
+                                                    run.args.dataloader_num_workers))
+        for batch in batches_in_step(loader, run.accelerator):
             run.position.advance(batch)
             if run_one_batch(run, batch, epoch) and run.progress.step >= stop_at:
+                stopped = True
                 break
         if run.progress.step == updates_before and epoch != resumed_epoch:
-            raise RuntimeError(f"Epoch {epoch} produced no update: the dataset has fewer usable images than one "
-                               f"update needs on every process.")
+            raise TrainingFailed(no_update_message(run, epoch))
+        if not stopped or run.progress.step >= run.total_steps:  # an epoch cut by --stop_after_steps goes on later
+            run.progress.end_epoch(epoch, loader.exhausted, ended_by="max_steps" if stopped else "data")
         epoch += 1
         if run.args.max_steps is None and epoch >= run.args.epochs:
             break
@@ -427,8 +604,58 @@ def train(run: Run) -> None:
         checkpoint(run, epoch=run.position.epoch)  # --stop_after_steps between two saves: resume from here
 
 
+class ExhaustionTracking:
+    """A loader that remembers whether this process read it to the end (for the per-process epoch counts)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.exhausted = False
+
+    def __iter__(self):
+        yield from self.loader
+        self.exhausted = True
+
+
+def no_update_message(run: Run, epoch: int) -> str:
+    """Why an epoch gave no update, with every process's usable and skipped images (also logged)."""
+    usable, skipped = count_usable_images(run.dataset)
+    mine = torch.tensor([[usable, *skipped.as_tensor().tolist()]], dtype=torch.int64, device=run.accelerator.device)
+    rows = run.accelerator.gather(mine).cpu().tolist()  # (processes, 1 + reasons)
+    per_rank = [{"usable": row[0], "skipped": dict(zip(skipped.as_dict(), row[1:]))} for row in rows]
+    needed = run.args.per_device_batch_size * run.args.gradient_accumulation_steps
+    message = (f"Epoch {epoch} produced no update: one update needs {needed} usable images (--per_device_batch_size "
+               f"x --gradient_accumulation_steps) on every process, and the data has "
+               + "; ".join(f"rank {rank}: {counts['usable']} usable, skipped {_nonzero(counts['skipped'])}"
+                           for rank, counts in enumerate(per_rank))
+               + ". Check --dataset and --image_column, or remove the unusable images.")
+    run.progress.log_event("error", epoch=epoch, message=message, per_rank=per_rank)
+    return message
+
+
+def _nonzero(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in counts.items() if count) or "none"
+
+
+def count_usable_images(dataset: ImageViewsDataset, limit: int = 100_000) -> tuple[int, SkipCounter]:
+    """(usable images, skips per reason) in this process's stream for the current epoch (its first `limit`
+    examples): for the error when an epoch gives no update, since the loop only sees skips that precede a usable
+    image."""
+    skipped, usable = SkipCounter(), 0
+    dataset.stream.set_epoch(dataset.epoch)
+    cells = itertools.islice(dataset.stream.iter(batch_size=1), limit)
+    for index, cell in enumerate(cells):
+        try:
+            make_views(to_rgb(decode_image(cell[dataset.image_column][0])), dataset.view_config, random.Random(index))
+        except UnusableImage as unusable:
+            skipped.add(unusable.reason)
+        else:
+            usable += 1
+    return usable, skipped
+
+
 def run_one_batch(run: Run, batch: dict, epoch: int) -> bool:
-    """Forward/backward of one batch; returns True when it completed an optimizer update."""
+    """Forward/backward of one batch; returns True when it completed an optimizer update (or skipped it for a
+    non-finite loss under --on_nonfinite skip)."""
     accelerator = run.accelerator
     if run.args.log_image_hashes:
         log_image_hashes(run, batch, epoch)
@@ -436,23 +663,63 @@ def run_one_batch(run: Run, batch: dict, epoch: int) -> bool:
     batch = to_device(batch, accelerator.device)
     with accelerator.accumulate(run.student):
         terms = training_step(batch, run.student, run.teacher, run.vfm, run.loss_fn, accelerator)
-        accelerator.backward(terms["total"])
-        run.optimizer.step()
-        run.scheduler.step()
+        finite = all_processes_finite(terms, accelerator)
+        if finite:
+            accelerator.backward(terms["total"])
+        else:
+            on_nonfinite_loss(run, terms, epoch)  # raises unless --on_nonfinite skip
+            run.nonfinite_in_update = True
+        if not run.nonfinite_in_update:
+            run.optimizer.step()  # (a no-op until the last micro-batch of the update)
+        run.scheduler.step()  # also for a skipped update: the schedule stays counted in updates
         run.optimizer.zero_grad(set_to_none=True)
-    run.progress.add_micro_batch(terms, batch["student"].shape[0], skipped)
+    run.progress.add_micro_batch(terms, batch["student"].shape[0], skipped, finite)
     if not accelerator.sync_gradients:
         return False
-    run.progress.end_update(epoch, run.scheduler.get_last_lr()[0])
+    run.progress.end_update(epoch, run.scheduler.get_last_lr()[0], skipped_update=run.nonfinite_in_update)
+    run.nonfinite_in_update = False
     if run.args.checkpointing_steps and run.progress.step % run.args.checkpointing_steps == 0:
         checkpoint(run, epoch)
     return True
 
 
+def all_processes_finite(terms: dict[str, torch.Tensor], accelerator: Accelerator) -> bool:
+    """Whether every process's loss terms are finite (all processes must take the same branch)."""
+    finite = torch.stack([terms[name].detach().float() for name in LOSS_NAMES]).isfinite().all()
+    return bool(accelerator.gather(finite.to(torch.int64).reshape(1)).min())
+
+
+def on_nonfinite_loss(run: Run, terms: dict[str, torch.Tensor], epoch: int) -> None:
+    values = ", ".join(f"{name} {terms[name].item():.4g}" for name in LOSS_NAMES)
+    where = f"update {run.progress.step + 1} (epoch {epoch})"
+    if run.args.on_nonfinite == "stop":
+        message = (f"Non-finite loss at {where}: {values} (on this process; some process had NaN/inf). The run "
+                   f"diverged (learning rate now {run.scheduler.get_last_lr()[0]:.3g}) or met a broken batch; "
+                   f"nothing more was saved. Lower --lr and start again (a new --output_dir or "
+                   f"--overwrite_output_dir), or resume the newest checkpoint with --on_nonfinite skip to drop such "
+                   f"updates.")
+        run.progress.log_event("error", epoch=epoch, message=message)
+        raise TrainingFailed(message)
+    if run.accelerator.is_main_process:
+        print(f"Warning: non-finite loss at {where} ({values}): update skipped (--on_nonfinite skip).",
+              file=sys.stderr)
+
+
+def check_finite_weights(model: nn.Module, what: str) -> None:
+    """Never save NaN/inf weights: a model that loads fine and outputs NaN is worse than no model."""
+    bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if bad:
+        raise TrainingFailed(f"Not saving {what}: {len(bad)} weight tensor(s) hold NaN/inf (e.g. {bad[0]}); the "
+                             f"run diverged. Lower --lr and start again, or resume an earlier checkpoint.")
+
+
 def checkpoint(run: Run, epoch: int) -> None:
-    trainer_state = {"epoch": epoch, "progress": run.progress.state_dict()}
-    save_checkpoint(run.accelerator, run.run_dir / "checkpoints", run.progress.step, trainer_state,
-                    run.position.state_dict(), run.args.checkpoints_total_limit)
+    check_finite_weights(run.student, f"checkpoint-{run.progress.step}")
+    trainer_state = {"epoch": epoch, "progress": run.progress.state_dict(), RUN_IDENTITY_KEY: run.identity,
+                     "resumable_args": resumable_args(run.args)}
+    data_position = {**run.position.state_dict(), "epoch_images": run.progress.epoch_images.state_dict()}
+    save_checkpoint(run.accelerator, run.run_dir / "checkpoints", run.progress.step, trainer_state, data_position,
+                    run.args.checkpoints_total_limit)
 
 
 def log_image_hashes(run: Run, batch: dict, epoch: int) -> None:
@@ -473,55 +740,104 @@ def finish(run: Run) -> dict:
     summary = {**run.progress.state_dict(), "world_size": accelerator.num_processes,
                "finished": run.progress.step >= run.total_steps, "total_steps": run.total_steps}
     summary["steps"] = summary.pop("step")
+    student = accelerator.unwrap_model(run.student).model
+    check_finite_weights(student, "the model")
     if accelerator.is_main_process:
-        student = accelerator.unwrap_model(run.student).model
-        with quiet_transformers():
-            save_model(student, run.run_dir / "model", run.args.student, run.args.ensemble_alpha,
-                       run.args.student_size)
-        write_training_args(run.run_dir / "training_args.json", run.args, summary)
+        try:
+            with quiet_transformers():
+                save_model(student, run.run_dir / "model", run.args.student, run.args.ensemble_alpha,
+                           run.args.student_size)
+        except OSError as error:
+            raise TrainingFailed(f"Could not save the model to {run.run_dir / 'model'} ({error}). Free space (or "
+                                 f"choose another --output_dir) and relaunch with --resume_from_checkpoint latest.") \
+                from error
+        write_training_args(run.run_dir / "training_args.json", run.args, run.argv, accelerator, run.identity,
+                            summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def launch_command() -> str:
-    """The command line that started this run, as well as it can be seen from here (the launcher's own flags are
-    not visible to the script; they show in `summary.world_size` and the `mixed_precision` arg)."""
-    if "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by `accelerate launch` for every kind of run
-        launcher = ["accelerate", "launch"]
-    elif "LOCAL_RANK" in os.environ:
-        launcher = ["torchrun"]
-    else:
-        launcher = ["python"]
-    return shlex.join(launcher + sys.argv)
+def launch_settings(accelerator: Accelerator) -> dict:
+    """What the launcher decided (the script's flags cannot show it): processes, effective precision, and the
+    ACCELERATE_* variables `accelerate launch` / `accelerate config` passed."""
+    return {
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "distributed_type": str(accelerator.distributed_type.value),
+        "device": accelerator.device.type,
+        "accelerate_env": {key: value for key, value in sorted(os.environ.items()) if key.startswith("ACCELERATE_")},
+    }
 
 
-def write_training_args(path: Path, args: argparse.Namespace, summary: dict) -> None:
+def launch_command(accelerator: Accelerator, argv: list[str]) -> str:
+    """The command line that started this run, with the launcher's flags rebuilt from what Accelerate reports
+    (an `accelerate config` file's settings show up as flags too)."""
+    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ:  # set by `accelerate launch` for every kind of run
+        return shlex.join(["torchrun" if "LOCAL_RANK" in os.environ else "python", sys.argv[0], *argv])
+    env, launcher = [], ["accelerate", "launch"]
+    if accelerator.num_processes > 1:
+        if accelerator.distributed_type.value in ("MULTI_GPU", "MULTI_CPU"):
+            launcher.append("--multi_gpu")
+        launcher += ["--num_processes", str(accelerator.num_processes)]
+        if accelerator.device.type == "cpu":
+            env.append("ACCELERATE_USE_CPU=1")
+    if accelerator.mixed_precision != "no":
+        launcher += ["--mixed_precision", accelerator.mixed_precision]
+    return " ".join(env + [shlex.join(launcher + [sys.argv[0], *argv])])
+
+
+def write_training_args(path: Path, args: argparse.Namespace, argv: list[str], accelerator: Accelerator,
+                        identity: dict, summary: dict) -> None:
+    """The run's record (read by `declip_hf.release` for the model card); rewritten at the end with the summary."""
     versions = {package.__name__: package.__version__ for package in (torch, transformers, accelerate, datasets)}
     versions["declip_hf"] = declip_hf.__version__
-    record = {"command": launch_command(), "args": vars(args), "summary": summary, "versions": versions}
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    recorded_args = {**vars(args), "mixed_precision": accelerator.mixed_precision}  # effective, not the flag's None
+    record = {"command": launch_command(accelerator, argv), "args": recorded_args,
+              "launch": launch_settings(accelerator), RUN_IDENTITY_KEY: identity, "summary": summary,
+              "versions": versions}
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def fail(message: str, exit_code: int):
+    """One line on stderr (from one process) and the exit code: 2 for arguments and data, 1 for a failed run."""
+    if is_first_process():
+        print(f"distill.py: error: {message}", file=sys.stderr)
+    sys.exit(exit_code)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = parse_args(argv)
     try:
         if args.make_tiny_assets:
             make_tiny_assets(args.make_tiny_assets)
         plan = check_args(args)
+        accelerator = build_accelerator(args, Path(args.output_dir))
+        identity = claim_output_dir(args, plan.resume_path, accelerator)
     except ValueError as error:
-        parser.error(str(error))
-    with quiet_transformers():
-        run = setup_run(args, plan)
-    train(run)
-    summary = finish(run)
+        fail(str(error), exit_code=2)
+    run = None
+    try:
+        with quiet_transformers():
+            run = setup_run(args, argv, plan, accelerator, identity)
+        train(run)
+        summary = finish(run)
+    except (TrainingFailed, CheckpointSaveError) as error:
+        if run is not None:
+            run.progress.close()  # ends the progress bar's line, so the error is a line of its own
+        fail(str(error), exit_code=1)
     if run.accelerator.is_main_process:
-        losses = ", ".join(f"{name} {value:.4f}" for name, value in summary["final_losses"].items())
+        losses = ", ".join(f"{name} {_format_loss(value)}" for name, value in summary["final_losses"].items())
         print(f"Done: {summary['steps']} steps, {summary['images_seen']} images on {summary['world_size']} "
-              f"process(es), skipped {sum(summary['skipped'].values())} {summary['skipped']}, final losses "
-              f"[{losses}], {summary['elapsed_s']:.0f} s. Model: {run.run_dir / 'model'}")
+              f"process(es), skipped {sum(summary['skipped'].values())} {summary['skipped']}, "
+              f"{summary['nonfinite_updates']} non-finite update(s) skipped, final losses [{losses}], "
+              f"{summary['elapsed_s']:.0f} s. Model: {run.run_dir / 'model'}")
     return summary
+
+
+def _format_loss(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":
