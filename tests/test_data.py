@@ -33,7 +33,6 @@ from transformers.utils import logging as transformers_logging
 from training.data import (
     MAX_DECODED_PIXELS,
     SKIP_REASONS,
-    EpochTally,
     ImageViewsDataset,
     SkipCounter,
     StreamPosition,
@@ -42,7 +41,6 @@ from training.data import (
     decode_image,
     make_dataloader,
     open_image_stream,
-    rank_imbalance_warning,
     reduction_scale,
     shard_for_process,
     sharding_warning,
@@ -318,73 +316,19 @@ def test_all_ranks_have_batch_in_a_single_process(accelerator, parquet_dir):
     assert counter.reduce(accelerator).as_dict() == counter.as_dict() and counter.total == len(BAD_KINDS)
 
 
-class OtherRankWithBatches:
-    """A stand-in for an Accelerator on 2 processes whose other rank holds `other_batches` batches this epoch."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, other_batches: int, other_tally: EpochTally):
-        self.other_batches_left, self.other_tally = other_batches, other_tally
-
-    def reduce(self, missing: torch.Tensor, reduction: str) -> torch.Tensor:
-        assert reduction == "max"
-        other_missing = int(self.other_batches_left == 0)
-        self.other_batches_left -= 1
-        return torch.maximum(missing, torch.tensor([other_missing]))
-
-    def gather(self, row: torch.Tensor) -> torch.Tensor:
-        other = torch.cat([torch.tensor([self.other_tally.images, int(self.other_tally.left_over)]),
-                           self.other_tally.skipped.as_tensor()])
-        return torch.cat([row, other.unsqueeze(0)])
-
-
-def test_the_tally_counts_what_this_process_delivered_in_the_epoch(accelerator, parquet_dir):
-    tally = EpochTally()
-    for batch in batches_in_step(make_dataloader(views_dataset(parquet_dir), 4, num_workers=0), accelerator, tally):
-        batch.pop("skipped")  # as the training loop does: the tally counted it already
-    assert tally.images == NUM_GOOD and not tally.left_over
-    assert tally.skipped.as_dict() == {reason: int(reason in BAD_KINDS) for reason in SKIP_REASONS}
-    assert [gathered.as_dict() for gathered in tally.gather(accelerator)] == [tally.as_dict()]
-    json.dumps(tally.as_dict())  # ready for logs.jsonl
-
-
-def test_uneven_shards_are_reported_with_the_images_each_rank_used(parquet_dir):
-    # The other rank holds 2 batches and skipped 16 truncated images; this rank has 8 batches of usable images.
-    starved = EpochTally(images=8)
-    starved.skipped.counts["truncated"] = 16
-    tally = EpochTally()
-    loader = make_dataloader(views_dataset(parquet_dir), 4, num_workers=0)
-    assert sum(1 for _ in batches_in_step(loader, OtherRankWithBatches(2, starved), tally)) == 2
-    assert tally.images == 8 and tally.left_over  # stopped with 6 batches in hand
-    tallies = tally.gather(OtherRankWithBatches(0, starved))
-    assert [t.images for t in tallies] == [8, 8]
-    warning = rank_imbalance_warning(tallies, epoch=3)
-    assert warning.startswith("Epoch 3: the processes got very different shares of usable images")
-    assert "rank 0: 8 images used, 1 skipped (undecodable 1), stopped with images left" in warning  # row 3
-    assert "rank 1: 8 images used, 16 skipped (truncated 16)" in warning
-    assert "re-shard the data" in warning
-
-    # Ordinary differences (a few skipped images, one batch more or less) are no reason to warn.
-    one_skip = EpochTally(images=19)
-    one_skip.skipped.counts["undecodable"] = 1
-    assert rank_imbalance_warning([EpochTally(images=20, left_over=True), one_skip], epoch=0) is None
-    assert rank_imbalance_warning([EpochTally(images=20)], epoch=0) is None
-    assert "rank 1: 0 images used, 0 skipped" in rank_imbalance_warning([EpochTally(images=20), EpochTally()], 0)
-
-
 def test_a_survey_counts_the_skips_of_a_part_without_usable_images(parquet_dir, tmp_path):
     rows = [{"image": {"bytes": bad_image(kind), "path": kind}} for kind in ("undecodable", "truncated", "tiny")]
     rows.append({"image": None})
     Dataset.from_list(rows, features=Features({"image": ImageFeature()})).to_parquet(tmp_path / "bad.parquet")
     unusable = views_dataset(tmp_path)
     assert list(make_dataloader(unusable, 2, num_workers=0)) == []  # the loader cannot report these skips
-    survey = unusable.survey()
-    assert survey.images == 0 and survey.skipped.as_dict() == {
+    usable, skipped = unusable.survey()
+    assert usable == 0 and skipped.as_dict() == {
         "undecodable": 1, "truncated": 1, "too_large": 0, "missing": 1, "tiny": 1, "mode": 0
     }
-    full = views_dataset(parquet_dir).survey()
-    assert full.images == NUM_GOOD and full.skipped.total == len(BAD_KINDS)
-    assert views_dataset(parquet_dir).survey(max_examples=5).images + 1 == 5  # row 3 is bad
+    usable, skipped = views_dataset(parquet_dir).survey()
+    assert usable == NUM_GOOD and skipped.total == len(BAD_KINDS)
+    assert views_dataset(parquet_dir).survey(max_examples=5)[0] + 1 == 5  # row 3 is bad
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -495,6 +495,10 @@ def test_tiny_config_makes_its_assets_trains_and_saves(tmp_path, monkeypatch):
     assert summary["skipped"]["truncated"] >= 1 and summary["skipped"]["tiny"] >= 1
     model = DeCLIPVisionModel.from_pretrained(tmp_path / "outputs" / "tiny" / "model")
     assert model.get_dense_features(torch.randn(1, 3, STUDENT_SIZE, STUDENT_SIZE)).dense_embeds.shape == (1, 24, 16, 16)
+    # A newcomer runs the demo again: it starts over in its folder instead of refusing it (a shorter run here).
+    again = _run_in_process(["--config", REPO_ROOT / "configs" / "tiny.yaml", "--report_to", "none", "--max_steps", "2",
+                             "--warmup_steps", "1"])
+    assert again["finished"] and again["steps"] == 2
 
 
 def test_real_recipe_config_holds_the_reference_hyper_parameters():

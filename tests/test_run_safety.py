@@ -339,7 +339,7 @@ def test_yaml_that_is_not_a_mapping_is_explained(text, kind, tmp_path, capsys):
         distill.parse_args(["--config", str(config)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert f"must map flag names to values" in err and f"holds a {kind}" in err and "usage:" not in err
+    assert "must map flag names to values" in err and f"holds a {kind}" in err and "usage:" not in err
 
 
 def test_abbreviated_keys_are_refused_in_yaml_too(tmp_path, capsys):

@@ -266,22 +266,13 @@ def all_ranks_have_batch(accelerator, has_batch: bool) -> bool:
     return int(accelerator.reduce(missing, reduction="max").item()) == 0
 
 
-def batches_in_step(
-    loader: DataLoader, accelerator, tally: "EpochTally | None" = None
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield the loader's batches until any process runs out, so that all processes leave the epoch together.
-
-    With a `tally`, count what this process delivered (images, skips, whether it stopped with batches left).
-    """
+def batches_in_step(loader: DataLoader, accelerator) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the loader's batches until any process runs out, so that all processes leave the epoch together."""
     iterator = iter(loader)
     while True:
         batch = next(iterator, None)
         if not all_ranks_have_batch(accelerator, batch is not None):
-            if tally is not None:
-                tally.left_over = batch is not None
             return
-        if tally is not None:
-            tally.add(batch)  # before the loop sees the batch (it may pop "skipped")
         yield batch
 
 
@@ -407,73 +398,6 @@ class SkipCounter:
         return summed
 
 
-# Processes whose shares of usable images (of the examples they read) differ by more than this factor are reported
-# by `rank_imbalance_warning`, e.g. 40 % usable on one and 100 % on another.
-IMBALANCE_FACTOR = 2.0
-
-
-@dataclass
-class EpochTally:
-    """What this process's loader delivered in one epoch (filled by `batches_in_step`), to compare processes.
-
-    `images`: usable images in the batches the loop received; `skipped`: images skipped on the way, per reason;
-    `left_over`: the process still had a batch when the epoch ended because another one ran out (all processes stop
-    together), so part of its usable images went untrained this epoch. After a resume, the tally of the resumed
-    epoch covers only its remaining part. Skips reach the tally with the next usable image: a process whose part had
-    none shows 0 skipped (`ImageViewsDataset.survey` counts them).
-    """
-
-    images: int = 0
-    skipped: SkipCounter = field(default_factory=SkipCounter)
-    left_over: bool = False
-
-    def add(self, batch: dict[str, torch.Tensor]) -> None:
-        self.images += int(batch["student"].shape[0])
-        self.skipped.add_counts(batch["skipped"])
-
-    @property
-    def usable_fraction(self) -> float:
-        """Usable images per stream example read (0 when nothing was read)."""
-        read = self.images + self.skipped.total
-        return self.images / read if read else 0.0
-
-    def as_dict(self) -> dict:
-        """JSON-ready, for the log."""
-        return {"images": self.images, "skipped": self.skipped.as_dict(), "left_over": self.left_over}
-
-    def gather(self, accelerator) -> list["EpochTally"]:
-        """Every process's tally, in rank order (a collective: call it on every rank, e.g. after each epoch)."""
-        row = torch.cat([torch.tensor([self.images, int(self.left_over)]), self.skipped.as_tensor()])
-        rows = accelerator.gather(row.to(accelerator.device).unsqueeze(0)).cpu()  # (world_size, 2 + len(SKIP_REASONS))
-        return [EpochTally._from_row(values) for values in rows]
-
-    @staticmethod
-    def _from_row(values: torch.Tensor) -> "EpochTally":
-        tally = EpochTally(images=int(values[0]), left_over=bool(values[1]))
-        tally.skipped.add_counts(values[2:])
-        return tally
-
-
-def rank_imbalance_warning(tallies: list[EpochTally], epoch: int) -> str | None:
-    """A warning when processes got very different shares of usable images in `epoch` (see `IMBALANCE_FACTOR`):
-    an unusable shard on one rank starves it, and the others stop the epoch when it runs out."""
-    fractions = [tally.usable_fraction for tally in tallies]
-    if len(tallies) < 2 or min(fractions) * IMBALANCE_FACTOR >= max(fractions):
-        return None
-    per_rank = "; ".join(f"rank {rank}: {_describe(tally)}" for rank, tally in enumerate(tallies))
-    return (
-        f"Epoch {epoch}: the processes got very different shares of usable images ({per_rank}). Every process ends "
-        f"the epoch when one runs out, so the others' remaining images were not trained on. Repair or remove the "
-        f"unusable files, or re-shard the data so that every process gets usable images evenly."
-    )
-
-
-def _describe(tally: EpochTally) -> str:
-    reasons = ", ".join(f"{reason} {count}" for reason, count in tally.skipped.as_dict().items() if count)
-    text = f"{tally.images} images used, {tally.skipped.total} skipped" + (f" ({reasons})" if reasons else "")
-    return text + (", stopped with images left" if tally.left_over else "")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Views dataset, batching, resume position
 
@@ -556,20 +480,20 @@ class ImageViewsDataset(torch.utils.data.IterableDataset):
         self.resume_position.load_state_dict(state)
         self.epoch = self.resume_position.epoch
 
-    def survey(self, max_examples: int | None = None) -> "EpochTally":
-        """Usable and unusable images of this rank's part of the current epoch, decoded here without making views.
+    def survey(self, max_examples: int | None = None) -> tuple[int, SkipCounter]:
+        """(usable images, skips per reason) of this rank's part of the current epoch, decoded here without views.
 
         For an epoch that gave no batch: skip counts travel with usable images, so a part without any cannot report
         its skips through the loader. Reads up to `max_examples` stream examples (all by default).
         """
-        tally = EpochTally()
+        usable, skipped = 0, SkipCounter()
         for value in itertools.islice(self._worker_values(0, 1), max_examples):
             try:
                 to_rgb(decode_image(value, self.view_config.source_side))
-                tally.images += 1
+                usable += 1
             except UnusableImage as unusable:
-                tally.skipped.add(unusable.reason)
-        return tally
+                skipped.add(unusable.reason)
+        return usable, skipped
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker_id, num_workers = _worker_slot()

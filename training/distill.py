@@ -19,11 +19,9 @@ given `--overwrite_output_dir`, and a resume refuses a checkpoint whose run had 
 
 import argparse
 import hashlib
-import itertools
 import json
 import math
 import os
-import random
 import re
 import shlex
 import sys
@@ -57,10 +55,8 @@ from training.checkpointing import (
 )
 from training.data import (
     ImageViewsDataset,
-    SkipCounter,
     StreamPosition,
     batches_in_step,
-    decode_image,
     make_dataloader,
     open_image_stream,
     shard_for_process,
@@ -74,7 +70,7 @@ from training.progress import LOSS_NAMES, EpochImageCounts, TrainingProgress
 from training.run_folder import claim_output_dir, resumable_args
 from training.teachers import FrozenCLIPTeacher, FrozenVFM, check_vfm_config
 from training.tiny_assets import make_tiny_assets
-from training.views import UnusableImage, ViewConfig, make_views, to_rgb
+from training.views import ViewConfig
 
 FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STUDENT_MODEL_TYPES = ("clip", "clip_vision_model", DeCLIPVisionConfig.model_type)
@@ -618,7 +614,7 @@ class ExhaustionTracking:
 
 def no_update_message(run: Run, epoch: int) -> str:
     """Why an epoch gave no update, with every process's usable and skipped images (also logged)."""
-    usable, skipped = count_usable_images(run.dataset)
+    usable, skipped = run.dataset.survey(max_examples=100_000)  # this process's part of the epoch
     mine = torch.tensor([[usable, *skipped.as_tensor().tolist()]], dtype=torch.int64, device=run.accelerator.device)
     rows = run.accelerator.gather(mine).cpu().tolist()  # (processes, 1 + reasons)
     per_rank = [{"usable": row[0], "skipped": dict(zip(skipped.as_dict(), row[1:]))} for row in rows]
@@ -634,23 +630,6 @@ def no_update_message(run: Run, epoch: int) -> str:
 
 def _nonzero(counts: dict[str, int]) -> str:
     return ", ".join(f"{reason} {count}" for reason, count in counts.items() if count) or "none"
-
-
-def count_usable_images(dataset: ImageViewsDataset, limit: int = 100_000) -> tuple[int, SkipCounter]:
-    """(usable images, skips per reason) in this process's stream for the current epoch (its first `limit`
-    examples): for the error when an epoch gives no update, since the loop only sees skips that precede a usable
-    image."""
-    skipped, usable = SkipCounter(), 0
-    dataset.stream.set_epoch(dataset.epoch)
-    cells = itertools.islice(dataset.stream.iter(batch_size=1), limit)
-    for index, cell in enumerate(cells):
-        try:
-            make_views(to_rgb(decode_image(cell[dataset.image_column][0])), dataset.view_config, random.Random(index))
-        except UnusableImage as unusable:
-            skipped.add(unusable.reason)
-        else:
-            usable += 1
-    return usable, skipped
 
 
 def run_one_batch(run: Run, batch: dict, epoch: int) -> bool:
