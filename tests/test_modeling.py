@@ -235,7 +235,7 @@ def test_forward_and_image_features_equal_plain_clip(height, width):
     with torch.no_grad():
         output = model(pixel_values, interpolate_pos_encoding=True, output_hidden_states=True)
         expected = tower(pixel_values, interpolate_pos_encoding=True, output_hidden_states=True)
-        image_embeds = model.get_image_features(pixel_values, interpolate_pos_encoding=True)
+        image_embeds = model.get_image_features(pixel_values, interpolate_pos_encoding=True).pooler_output
         expected_embeds = with_projection(pixel_values, interpolate_pos_encoding=True).image_embeds
         # and the plain CLIP path written out: the CLS token of the full tower, post LN, projection
         cls = clip_layer(last_layer_input(model, pixel_values), model.encoder.layers[-1])[:, 0]
