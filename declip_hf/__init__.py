@@ -2,7 +2,12 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_declip import DECOUPLED_ATTENTION_MODES, TRAINABLE_ATTENTION_MODES, DeCLIPVisionConfig
+from .configuration_declip import (
+    DECOUPLED_ATTENTION_MODES,
+    TRAINABLE_ATTENTION_MODES,
+    DeCLIPCheckpointError,
+    DeCLIPVisionConfig,
+)
 from .modeling_declip import DeCLIPDenseOutput, DeCLIPVisionModel
 from .region_pooling import pool_boxes, pool_masks
 from .segmentation import ClassEmbeddings, DeCLIPSegmentationOutput, DeCLIPSegmenter
@@ -19,6 +24,7 @@ __all__ = [
     "DECOUPLED_ATTENTION_MODES",
     "TRAINABLE_ATTENTION_MODES",
     "ClassEmbeddings",
+    "DeCLIPCheckpointError",
     "DeCLIPDenseOutput",
     "DeCLIPSegmentationOutput",
     "DeCLIPSegmenter",
