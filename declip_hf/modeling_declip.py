@@ -268,10 +268,11 @@ class DeCLIPVisionModel(CLIPVisionModel):
     def get_mask_features(self, pixel_values: torch.Tensor, masks: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """One (K_i, D) tensor of L2-normalised mask-pooled features per image.
 
-        `masks` holds one (K_i, H, W) tensor per image (bool, 0/1 or soft non-negative weights), each mask selecting
-        at least one pixel, at the input's resolution (H, W) or at the patch grid's (H / patch, W / patch); other
-        sizes raise a `ValueError`, since stretching a mask of another frame would pool the wrong pixels. Pooled in
-        float32, returned in the dense features' dtype (bf16 for a bf16 model)."""
+        `masks` holds one (K_i, H', W') tensor per image (bool, 0/1 or soft non-negative weights), each mask selecting
+        at least one pixel. The masks cover the same frame as `pixel_values` at any resolution (the input's, the
+        patch grid's, the original image's when it was only resized): a mask whose aspect ratio differs from the
+        input's raises a `ValueError`, since stretching a mask of another frame would pool the wrong patches. Pooled
+        in float32, returned in the dense features' dtype (bf16 for a bf16 model)."""
         image_size = self._check_pixel_values(pixel_values)
         check_masks(masks, batch_size=image_size[0])
         self._check_mask_sizes(masks, image_size)
@@ -307,16 +308,18 @@ class DeCLIPVisionModel(CLIPVisionModel):
             raise ValueError(f"pixel_values has a 0-size image (shape {tuple(pixel_values.shape)}).")
         return batch_size, height, width
 
-    def _check_mask_sizes(self, masks: list[torch.Tensor], image_size: tuple[int, int, int]):
+    @staticmethod
+    def _check_mask_sizes(masks: list[torch.Tensor], image_size: tuple[int, int, int]):
+        """Masks must cover the input's frame: its aspect ratio, at any resolution, within a pixel of rounding."""
         _, height, width = image_size
-        accepted = {(height, width), self._grid_size(image_size)}
         for index, image_masks in enumerate(masks):  # already checked to be (K, H, W) tensors, one per image
-            size = tuple(image_masks.shape[-2:])
-            if size not in accepted:
+            mask_height, mask_width = image_masks.shape[-2:]
+            # Cross-multiplied, one pixel of the finer of the two resolutions.
+            if abs(mask_height * width - mask_width * height) > max(width, mask_width):
                 raise ValueError(
-                    f"masks[{index}] are {size[0]}x{size[1]}, but the masks of a {height}x{width} input must be "
-                    f"{height}x{width} (the input's pixels) or {'x'.join(map(str, self._grid_size(image_size)))} "
-                    "(its patch grid); resize them in the same way as the image."
+                    f"masks[{index}] are {mask_height}x{mask_width} but the input is {height}x{width}: masks must "
+                    "cover the same frame as pixel_values (same aspect ratio, any resolution; they are area-resized "
+                    "onto the patch grid). Resize, crop or pad them exactly as the image was."
                 )
 
     def _grid_size(self, image_size: tuple[int, int, int]) -> tuple[int, int]:

@@ -433,7 +433,7 @@ BAD_MASKS = {
     "NaN": (lambda: torch.full((1, 32, 32), float("nan")), r"masks\[0\]\[0\] has NaN"),
     "negative": (lambda: -torch.ones(1, 32, 32), r"negative values"),
     "(H, W) without the mask axis": (lambda: torch.ones(32, 32), r"must be a \(K, H, W\) tensor"),
-    "another frame's size": (lambda: torch.ones(1, 20, 20), r"masks\[0\] are 20x20.*must be 32x32 .* or 8x8"),
+    "another frame's shape": (lambda: torch.ones(1, 20, 30), r"masks\[0\] are 20x30 but the input is 32x32"),
     "transposed": (lambda: torch.ones(1, 40, 24), r"masks\[0\] are 40x24"),
 }
 
@@ -446,18 +446,20 @@ def test_bad_masks_raise_naming_the_mask(checked_model, case):
         checked_model.get_mask_features(pixels(1, height, width), [make_masks()])
 
 
-def test_masks_at_input_or_grid_resolution_and_any_weight_scale_pool_alike(checked_model):
-    """A 0/255 uint8 mask, a bool mask and its patch-grid version pool to the same feature (weights are normalised)."""
-    grid_mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+def test_masks_of_the_input_frame_pool_alike_at_any_resolution_and_weight_scale(checked_model):
+    """A mask on the patch grid, at the input's resolution, at twice it (the original image's, say) or as 0/255 uint8
+    pools to the same feature: weights are normalised and area-resized onto the grid."""
+    grid_mask = torch.zeros(1, 6, 10, dtype=torch.bool)
     grid_mask[0, 2:5, 1:7] = True
-    pixel_mask = grid_mask.repeat_interleave(PATCH, dim=1).repeat_interleave(PATCH, dim=2)
+    pixel_mask = grid_mask.repeat_interleave(PATCH, dim=1).repeat_interleave(PATCH, dim=2)  # 24 x 40
+    original_mask = pixel_mask.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # 48 x 80
     with torch.no_grad():
         pooled = [
-            checked_model.get_mask_features(pixels(1, 32, 32), [mask])[0]
-            for mask in (grid_mask, pixel_mask, pixel_mask.to(torch.uint8) * 255)
+            checked_model.get_mask_features(pixels(1, 24, 40), [mask])[0]
+            for mask in (grid_mask, pixel_mask, original_mask, pixel_mask.to(torch.uint8) * 255)
         ]
-    torch.testing.assert_close(pooled[1], pooled[0], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(pooled[2], pooled[0], atol=1e-6, rtol=1e-6)
+    for other in pooled[1:]:
+        torch.testing.assert_close(other, pooled[0], atol=1e-6, rtol=1e-6)
 
 
 BAD_PIXELS = {
