@@ -48,10 +48,10 @@ class DeCLIPVisionConfig(CLIPVisionConfig):
         super().__setattr__(name, value)
 
     @classmethod
-    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        """Read a DeCLIP config, or the vision part of a CLIP one, keeping CLIP's projection size."""
-        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        return _as_declip_vision_dict(config_dict, source=pretrained_model_name_or_path), kwargs
+    def _dict_from_json_file(cls, json_file):
+        """Read a DeCLIP config, or the vision part of a CLIP one, keeping CLIP's projection size (every way of
+        reading a `config.json` into this class, `from_pretrained` and `from_json_file`, goes through here)."""
+        return _as_declip_vision_dict(super()._dict_from_json_file(json_file), source=json_file)
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
@@ -91,11 +91,12 @@ def _as_declip_vision_dict(config_dict: dict, source=None) -> dict:
     config's own `vision_config` is the plain-CLIP copy written for `CLIPVisionModel` (see `to_diff_dict`).
     """
     model_type = config_dict.get("model_type")
-    if model_type not in CLIP_FAMILY_MODEL_TYPES:
+    # A dict without model_type declares nothing (transformers builds some from bare fields); one that declares
+    # another model is a different architecture whose weights would not load.
+    if model_type is not None and model_type not in CLIP_FAMILY_MODEL_TYPES:
         where = f" in {source}" if source is not None else ""
-        declared = f"model_type {model_type!r}" if model_type else "no model_type"
         raise DeCLIPCheckpointError(
-            f"The config{where} declares {declared}, which is not a CLIP vision tower: DeCLIP loads "
+            f"The config{where} declares model_type {model_type!r}, which is not a CLIP vision tower: DeCLIP loads "
             f"configs of model_type {', '.join(map(repr, CLIP_FAMILY_MODEL_TYPES))}. Pass a DeCLIP or CLIP "
             "checkpoint (e.g. openai/clip-vit-base-patch16); a DINOv2 model is a context teacher (distill's --vfm), "
             "not a DeCLIP model."

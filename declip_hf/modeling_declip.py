@@ -349,5 +349,6 @@ def _missing_weights_message(source, loading_info: dict) -> str:
         "the vision tower (`vision_model.*`) and `visual_projection`."
     )
     return (
-        f"{source} lacks {len(missing)} of the DeCLIP vision model's weights ({shown}); they would be random. {hint}"
+        f"{source} lacks {len(missing)} of the DeCLIP vision model's weights ({shown}); they would be random. {hint} "
+        "(To start from random weights on purpose: DeCLIPVisionModel(DeCLIPVisionConfig.from_pretrained(path)).)"
     )

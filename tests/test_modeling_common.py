@@ -18,7 +18,7 @@ import inspect
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPVisionModelWithProjection
+from transformers import AutoConfig, CLIPVisionModelWithProjection
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from declip_hf import DeCLIPCheckpointError, DeCLIPVisionConfig, DeCLIPVisionModel
@@ -100,6 +100,23 @@ def test_folder_without_weights_is_refused_naming_every_parameter(saved_dir, tmp
     parameter_count = len(dict(tiny_model().named_parameters()))
     with pytest.raises(DeCLIPCheckpointError, match=rf"lacks {parameter_count} of the DeCLIP vision model's weights"):
         DeCLIPVisionModel.from_pretrained(tmp_path)
+
+
+def test_config_round_trips_through_every_reader(tmp_path):
+    """transformers' ConfigTester: to_json_file/from_json_file, save_pretrained/from_pretrained and AutoConfig give
+    the same config back (the plain-CLIP `vision_config` copy in the file never leaks into DeCLIP's config)."""
+    config = tiny_config(decoupled_attention="all")
+    config.save_pretrained(tmp_path)  # (adds the auto_map of the copied code to the config)
+    config.to_json_file(tmp_path / "file.json")
+    read_back = {
+        "from_json_file": DeCLIPVisionConfig.from_json_file(tmp_path / "file.json"),
+        "from_pretrained": DeCLIPVisionConfig.from_pretrained(tmp_path),
+        "AutoConfig": AutoConfig.from_pretrained(tmp_path),
+    }
+    expected = {key: value for key, value in config.to_dict().items() if key != "_name_or_path"}
+    for reader, other in read_back.items():
+        assert type(other) is DeCLIPVisionConfig, reader
+        assert {key: value for key, value in other.to_dict().items() if key != "_name_or_path"} == expected, reader
 
 
 def test_forward_signature_starts_with_pixel_values():
