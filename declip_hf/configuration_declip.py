@@ -55,7 +55,7 @@ class DeCLIPVisionConfig(CLIPVisionConfig):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        # `AutoConfig` hands the raw `config.json` to `from_dict` without calling `get_config_dict`.
+        # `AutoConfig` reads `config.json` with the base class and hands the raw dict to `from_dict`.
         return super().from_dict(_as_declip_vision_dict(config_dict), **kwargs)
 
     def to_diff_dict(self) -> dict:
