@@ -2,7 +2,12 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_declip import DECOUPLED_ATTENTION_MODES, TRAINABLE_ATTENTION_MODES, DeCLIPVisionConfig
+from .configuration_declip import (
+    DECOUPLED_ATTENTION_MODES,
+    TRAINABLE_ATTENTION_MODES,
+    DeCLIPCheckpointError,
+    DeCLIPVisionConfig,
+)
 from .modeling_declip import DeCLIPDenseOutput, DeCLIPVisionModel
 from .preprocessing import prepare_dense_inputs
 from .region_pooling import pool_boxes, pool_masks
@@ -20,6 +25,7 @@ __all__ = [
     "DECOUPLED_ATTENTION_MODES",
     "TRAINABLE_ATTENTION_MODES",
     "ClassEmbeddings",
+    "DeCLIPCheckpointError",
     "DeCLIPDenseOutput",
     "DeCLIPSegmentationOutput",
     "DeCLIPSegmenter",

@@ -14,11 +14,13 @@ from transformers import CLIPVisionModel
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
-from .configuration_declip import DeCLIPVisionConfig
-from .region_pooling import pool_boxes, pool_masks
+from .configuration_declip import DeCLIPCheckpointError, DeCLIPVisionConfig
+from .region_pooling import check_boxes, check_masks, pool_boxes, pool_masks
 
 
 @dataclass
@@ -197,16 +199,52 @@ class DeCLIPVisionModel(CLIPVisionModel):
     def patch_size(self) -> int:
         return self.config.patch_size
 
-    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """CLIP's image embedding (B, projection_dim), unnormalised: the CLS path of the ordinary forward."""
-        pooled = self(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).pooler_output
-        return self.visual_projection(pooled)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """[`PreTrainedModel.from_pretrained`], refusing checkpoints that lack vision weights.
+
+        transformers initialises missing weights randomly and only logs it; for DeCLIP that is a silently random
+        model (an empty safetensors file, a `CLIPVisionModel` checkpoint without the visual projection). A config
+        that is not a CLIP vision tower (DINOv2, ViT, ...) is refused before any weight is read. Both raise
+        [`DeCLIPCheckpointError`] (a `ValueError`).
+        """
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        if loading_info["missing_keys"]:
+            raise DeCLIPCheckpointError(_missing_weights_message(pretrained_model_name_or_path, loading_info))
+        return (model, loading_info) if wants_loading_info else model
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """CLIP's image embedding, as transformers 5's `CLIPModel.get_image_features` returns it: the ordinary
+        forward's output whose `pooler_output` is the projected (B, projection_dim) embedding, unnormalised (the CLS
+        path). `output_hidden_states`, `output_attentions` and `return_dict` work as in `forward`.
+
+        Example:
+
+        ```python
+        >>> image_embeds = model.get_image_features(pixel_values).pooler_output  # (B, projection_dim)
+        ```"""
+        vision_outputs: BaseModelOutputWithPooling = self(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
+        return vision_outputs
 
     def get_dense_features(self, pixel_values: torch.Tensor) -> DeCLIPDenseOutput:
         """Dense content features (B, D, h, w) and context features (B, N, C) for images of any size that is a
-        multiple of the patch size (the position embedding is resized bicubically)."""
-        _, _, height, width = pixel_values.shape
-        grid_height, grid_width = self._grid_size(height, width)
+        multiple of the patch size (the position embedding is resized bicubically).
+
+        `pixel_values` is a (B, num_channels, H, W) float batch normalised by the model's image processor; features
+        come back in the model's dtype."""
+        grid_height, grid_width = self._grid_size(self._check_pixel_values(pixel_values))
         hidden_states = self._encode_before_last_layer(pixel_values)
         content_tokens, context = self.decoupled_path(self.encoder.layers[-1], hidden_states)
         # Layer norm and projection act per token, so the CLS row can be dropped first.
@@ -217,17 +255,75 @@ class DeCLIPVisionModel(CLIPVisionModel):
         )
 
     def get_region_features(self, pixel_values: torch.Tensor, boxes: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """One (K_i, D) tensor of L2-normalised RoIAlign features per image; `boxes` are (K_i, 4) normalised xyxy
-        in the input frame."""
+        """One (K_i, D) tensor of L2-normalised RoIAlign features per image.
+
+        `boxes` holds one (K_i, 4) tensor per image, xyxy normalised to [0, 1] in the input frame, x1 < x2 and
+        y1 < y2 (see [`pool_boxes`], which raises a `ValueError` naming any other box). Pooled in float32, returned
+        in the dense features' dtype (bf16 for a bf16 model)."""
+        batch_size, _, _ = self._check_pixel_values(pixel_values)
+        check_boxes(boxes, batch_size)  # before the forward pass, which a bad box would waste
         region_embeds = pool_boxes(self.get_dense_features(pixel_values).dense_embeds, boxes)
         return region_embeds.split([len(image_boxes) for image_boxes in boxes])
 
     def get_mask_features(self, pixel_values: torch.Tensor, masks: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """One (K_i, D) tensor of L2-normalised mask-pooled features per image; `masks` are (K_i, H, W)."""
+        """One (K_i, D) tensor of L2-normalised mask-pooled features per image.
+
+        `masks` holds one (K_i, H', W') tensor per image (bool, 0/1 or soft non-negative weights), each mask selecting
+        at least one pixel. The masks cover the same frame as `pixel_values` at any resolution (the input's, the
+        patch grid's, the original image's when it was only resized): a mask whose aspect ratio differs from the
+        input's raises a `ValueError`, since stretching a mask of another frame would pool the wrong patches. Pooled
+        in float32, returned in the dense features' dtype (bf16 for a bf16 model)."""
+        image_size = self._check_pixel_values(pixel_values)
+        check_masks(masks, batch_size=image_size[0])
+        self._check_mask_sizes(masks, image_size)
         mask_embeds = pool_masks(self.get_dense_features(pixel_values).dense_embeds, masks)
         return mask_embeds.split([len(image_masks) for image_masks in masks])
 
-    def _grid_size(self, height: int, width: int) -> tuple[int, int]:
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> tuple[int, int, int]:
+        """(batch_size, height, width) of a valid (B, num_channels, H, W) float batch; errors that name the fix."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a (B, C, H, W) torch.Tensor, got {type(pixel_values).__name__}.")
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values has dtype {pixel_values.dtype}; the model expects float pixels normalised by its image "
+                "processor (AutoImageProcessor.from_pretrained(<model>)(images, return_tensors='pt').pixel_values), "
+                "not raw 0-255 values."
+            )
+        num_channels = self.config.num_channels
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; expected a batch (B, {num_channels}, H, W). One "
+                f"({num_channels}, H, W) image is pixel_values[None]; an (H, W) array is not an image the model reads: "
+                "convert it with the image processor, which also normalises it."
+            )
+        batch_size, channels, height, width = pixel_values.shape
+        if channels != num_channels:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}: {channels} channels where the model has "
+                f"{num_channels}; images are channels-first (B, C, H, W) (from (B, H, W, C) use .permute(0, 3, 1, 2))."
+            )
+        if batch_size == 0:
+            raise ValueError(f"pixel_values is an empty batch ({tuple(pixel_values.shape)}); pass at least one image.")
+        if height == 0 or width == 0:
+            raise ValueError(f"pixel_values has a 0-size image (shape {tuple(pixel_values.shape)}).")
+        return batch_size, height, width
+
+    @staticmethod
+    def _check_mask_sizes(masks: list[torch.Tensor], image_size: tuple[int, int, int]):
+        """Masks must cover the input's frame: its aspect ratio, at any resolution, within a pixel of rounding."""
+        _, height, width = image_size
+        for index, image_masks in enumerate(masks):  # already checked to be (K, H, W) tensors, one per image
+            mask_height, mask_width = image_masks.shape[-2:]
+            # Cross-multiplied, one pixel of the finer of the two resolutions.
+            if abs(mask_height * width - mask_width * height) > max(width, mask_width):
+                raise ValueError(
+                    f"masks[{index}] are {mask_height}x{mask_width} but the input is {height}x{width}: masks must "
+                    "cover the same frame as pixel_values (same aspect ratio, any resolution; they are area-resized "
+                    "onto the patch grid). Resize, crop or pad them exactly as the image was."
+                )
+
+    def _grid_size(self, image_size: tuple[int, int, int]) -> tuple[int, int]:
+        _, height, width = image_size
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
                 f"Input size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
@@ -241,3 +337,18 @@ class DeCLIPVisionModel(CLIPVisionModel):
         for layer in self.encoder.layers[:-1]:
             hidden_states = layer(hidden_states, None)
         return hidden_states
+
+
+def _missing_weights_message(source, loading_info: dict) -> str:
+    missing = sorted(loading_info["missing_keys"])
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    hint = (
+        "A CLIPVisionModel checkpoint has no visual projection; use a CLIPModel or CLIPVisionModelWithProjection one."
+        if missing == ["visual_projection.weight"]
+        else "Pass a DeCLIP or CLIP checkpoint (CLIPModel or CLIPVisionModelWithProjection) whose weights file holds "
+        "the vision tower (`vision_model.*`) and `visual_projection`."
+    )
+    return (
+        f"{source} lacks {len(missing)} of the DeCLIP vision model's weights ({shown}); they would be random. {hint} "
+        "(To start from random weights on purpose: DeCLIPVisionModel(DeCLIPVisionConfig.from_pretrained(path)).)"
+    )

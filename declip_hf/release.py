@@ -64,7 +64,7 @@ assert not type(_model).__module__.startswith("declip_hf"), f"loaded {{type(_mod
 _pixel_values = load_file({inputs!r})["pixel_values"]
 with torch.no_grad():
     save_file({{
-        "image_embeds": _model.eval().get_image_features(_pixel_values).contiguous(),
+        "image_embeds": _model.eval().get_image_features(_pixel_values, return_dict=True).pooler_output.contiguous(),
         "dense_embeds": _model.get_dense_features(_pixel_values).dense_embeds.contiguous(),
     }}, {outputs!r})
 print({verified!r}, flush=True)
@@ -253,7 +253,7 @@ def check_loads_with_package(folder: Path) -> tuple[Check, dict[str, torch.Tenso
     with torch.no_grad():
         outputs = {
             "pixel_values": pixel_values,
-            "image_embeds": model.eval().get_image_features(pixel_values),
+            "image_embeds": model.eval().get_image_features(pixel_values, return_dict=True).pooler_output,
             "dense_embeds": model.get_dense_features(pixel_values).dense_embeds,
         }
     return Check("weights load with declip_hf", True, type(model).__name__), outputs

@@ -123,7 +123,7 @@ def test_converted_checkpoint_matches_open_clip(quick_gelu, tmp_path):
         open_clip_embeds = model.encode_image(pixel_values)
         handle.remove()
         outputs = vision(pixel_values=pixel_values)
-        torch.testing.assert_close(vision.get_image_features(pixel_values), open_clip_embeds, atol=1e-5, rtol=0)
+        torch.testing.assert_close(vision.get_image_features(pixel_values).pooler_output, open_clip_embeds, atol=1e-5, rtol=0)
         # CLIPVisionModel's last_hidden_state is the encoder output before the post layer norm.
         torch.testing.assert_close(outputs.last_hidden_state, captured["tokens"], atol=1e-5, rtol=0)
         dense = vision.get_dense_features(pixel_values).dense_embeds  # (B, D, 8, 8)

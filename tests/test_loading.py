@@ -11,9 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    ViTConfig,
+    ViTModel,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from declip_hf import DeCLIPVisionConfig, DeCLIPVisionModel
+from declip_hf import DeCLIPCheckpointError, DeCLIPVisionConfig, DeCLIPVisionModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_VISION = dict(
@@ -144,7 +153,80 @@ def test_saved_folder_is_a_drop_in_plain_clip(saved_declip_dir):
         output, plain = model(pixels(24, 40), interpolate_pos_encoding=True), tower(pixels(24, 40), interpolate_pos_encoding=True)
         assert torch.equal(output.last_hidden_state, plain.last_hidden_state)
         assert torch.equal(output.pooler_output, plain.pooler_output)
-        assert torch.equal(model.get_image_features(pixels()), with_projection(pixels()).image_embeds)
+        image_embeds = model.get_image_features(pixels()).pooler_output
+        assert torch.equal(image_embeds, with_projection(pixels()).image_embeds)
+
+
+TYPE_MISMATCH_WARNING = "to instantiate a model of type"
+
+
+@pytest.mark.parametrize("plain_class", [CLIPVisionModel, CLIPVisionModelWithProjection])
+def test_plain_clip_loads_the_saved_folder_without_a_type_mismatch_warning(saved_declip_dir, plain_class):
+    """The README promises this load; transformers used to warn it was "not supported and can yield errors"."""
+    with transformers_warnings() as warnings:
+        model = plain_class.from_pretrained(saved_declip_dir)
+    messages = [record.getMessage() for record in warnings]
+    assert not [message for message in messages if TYPE_MISMATCH_WARNING in message], messages
+    # A plain CLIP config, read from the folder's `vision_config`, the same tower as DeCLIP's top level.
+    assert type(model.config) is CLIPVisionConfig and model.config.model_type == "clip_vision_model"
+    declip_config = DeCLIPVisionConfig.from_pretrained(saved_declip_dir)
+    for name in ("hidden_size", "num_hidden_layers", "image_size", "patch_size", "projection_dim", "hidden_act"):
+        assert getattr(model.config, name) == getattr(declip_config, name), name
+    assert not hasattr(declip_config, "vision_config")
+
+
+def test_get_image_features_follows_clip_model_and_config_return_dict(saved_declip_dir):
+    """transformers 5's CLIPModel.get_image_features: the forward's output with a projected pooler_output."""
+    # Eager attention: SDPA returns no attention weights.
+    model = DeCLIPVisionModel.from_pretrained(saved_declip_dir, attn_implementation="eager")
+    with torch.no_grad():
+        output = model.get_image_features(pixels(), output_hidden_states=True, output_attentions=True)
+        plain = model(pixels())
+    assert isinstance(output, BaseModelOutputWithPooling)
+    assert torch.equal(output.pooler_output, model.visual_projection(plain.pooler_output))
+    assert torch.equal(output.last_hidden_state, plain.last_hidden_state)
+    assert len(output.hidden_states) == len(output.attentions) + 1 == TINY_VISION["num_hidden_layers"] + 1
+
+    # `from_pretrained(..., return_dict=False)` used to fail with "'tuple' object has no attribute 'pooler_output'".
+    tuple_model = DeCLIPVisionModel.from_pretrained(saved_declip_dir, return_dict=False, attn_implementation="eager")
+    with torch.no_grad():
+        as_tuple = tuple_model.get_image_features(pixels())
+        as_dict = tuple_model.get_image_features(pixels(), return_dict=True)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[1], output.pooler_output) and torch.equal(as_dict.pooler_output, output.pooler_output)
+
+
+def test_refuses_a_config_that_is_not_a_clip_vision_tower(tiny_dinov2_dir, tmp_path):
+    torch.manual_seed(0)
+    vit_config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    ViTModel(vit_config).save_pretrained(tmp_path / "vit")
+    for folder, model_type in ((tiny_dinov2_dir, "dinov2"), (tmp_path / "vit", "vit")):
+        message = rf"declares model_type '{model_type}', which is not a CLIP vision tower.*'declip_vision_model', "
+        with pytest.raises(DeCLIPCheckpointError, match=message):
+            DeCLIPVisionModel.from_pretrained(folder)
+        with pytest.raises(DeCLIPCheckpointError, match=message):
+            DeCLIPVisionConfig.from_pretrained(folder)
+    assert issubclass(DeCLIPCheckpointError, ValueError)
+
+
+def test_refuses_a_checkpoint_without_vision_weights(saved_declip_dir, tmp_path):
+    """An empty safetensors used to load as a silently random model."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((saved_declip_dir / "config.json").read_text())
+    save_file({}, empty / "model.safetensors", metadata={"format": "pt"})
+    message = r"lacks \d+ of the DeCLIP vision model's weights .*would be random"
+    with pytest.raises(DeCLIPCheckpointError, match=message):
+        DeCLIPVisionModel.from_pretrained(empty)
+    with pytest.raises(DeCLIPCheckpointError, match="lacks"):  # the Auto classes load through the same method
+        AutoModel.from_pretrained(empty)
+
+
+def test_refuses_a_plain_clip_vision_model_checkpoint_without_projection(tmp_path):
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(tmp_path)
+    with pytest.raises(DeCLIPCheckpointError, match=r"visual_projection\.weight.*CLIPVisionModelWithProjection"):
+        DeCLIPVisionModel.from_pretrained(tmp_path)
 
 
 def test_auto_classes_resolve_to_declip(saved_declip_dir):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from declip_hf import DECOUPLED_ATTENTION_MODES, TRAINABLE_ATTENTION_MODES, DeCLIPVisionConfig, DeCLIPVisionModel
-from declip_hf.region_pooling import pool_boxes
+from declip_hf.region_pooling import pool_boxes, pool_masks
 
 # Odd sizes everywhere (37, 24, 4 heads of 8) so that a swapped axis or head split cannot go unnoticed.
 TINY = dict(
@@ -235,7 +235,7 @@ def test_forward_and_image_features_equal_plain_clip(height, width):
     with torch.no_grad():
         output = model(pixel_values, interpolate_pos_encoding=True, output_hidden_states=True)
         expected = tower(pixel_values, interpolate_pos_encoding=True, output_hidden_states=True)
-        image_embeds = model.get_image_features(pixel_values, interpolate_pos_encoding=True)
+        image_embeds = model.get_image_features(pixel_values, interpolate_pos_encoding=True).pooler_output
         expected_embeds = with_projection(pixel_values, interpolate_pos_encoding=True).image_embeds
         # and the plain CLIP path written out: the CLS token of the full tower, post LN, projection
         cls = clip_layer(last_layer_input(model, pixel_values), model.encoder.layers[-1])[:, 0]
@@ -356,15 +356,136 @@ def test_boxes_keep_float32_precision_under_bf16_autocast():
     dense = F.normalize(torch.randn(1, TINY["projection_dim"], 8, 40), dim=1).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = pool_boxes(dense, boxes)
-    # A bf16 box corner would be 31.125 instead of 31.084 on this 40-wide grid and pool a different region.
-    torch.testing.assert_close(under_autocast, pool_boxes(dense.float(), boxes), atol=1e-6, rtol=1e-6)
+    # A bf16 box corner would be 31.125 instead of 31.084 on this 40-wide grid and pool a different region. Pooling
+    # runs in float32 and only the result is rounded to the map's dtype, so the two agree exactly.
+    assert under_autocast.dtype == torch.bfloat16
+    assert torch.equal(under_autocast, pool_boxes(dense.float(), boxes).bfloat16())
 
 
-def test_empty_mask_pools_to_zero_not_nan():
-    model = make_model()
+@pytest.fixture(scope="module")
+def checked_model():
+    return make_model("csa")
+
+
+def test_bf16_model_gives_bf16_region_and_mask_features_pooled_in_float32(checked_model):
+    """docs: region and mask features come back in the dense map's dtype (they used to be float32 for a bf16 model)."""
+    model = copy.deepcopy(checked_model).to(torch.bfloat16)
+    pixel_values = pixels(2, 24, 40).bfloat16()
+    boxes = [torch.tensor([[0.1, 0.2, 0.6, 0.9]]), torch.tensor([[0.3, 0.0, 1.0, 0.5], [0.0, 0.5, 0.5, 1.0]])]
+    masks = [torch.rand(2, 24, 40, generator=torch.Generator().manual_seed(2)) > 0.5, torch.ones(1, 6, 10)]
     with torch.no_grad():
-        (pooled,) = model.get_mask_features(pixels(1, 32, 32), [torch.zeros(1, 32, 32)])
-    assert torch.equal(pooled, torch.zeros(1, TINY["projection_dim"]))
+        dense = model.get_dense_features(pixel_values).dense_embeds
+        regions = model.get_region_features(pixel_values, boxes)
+        mask_embeds = model.get_mask_features(pixel_values, masks)
+    assert dense.dtype == torch.bfloat16
+    assert {tensor.dtype for tensor in (*regions, *mask_embeds)} == {torch.bfloat16}
+    # Pooled from the float32 copy of the bf16 map, rounded once at the end.
+    torch.testing.assert_close(torch.cat(regions), pool_boxes(dense.float(), boxes).bfloat16(), atol=0, rtol=0)
+    torch.testing.assert_close(torch.cat(mask_embeds), pool_masks(dense.float(), masks).bfloat16(), atol=0, rtol=0)
+
+
+BAD_BOXES = {
+    "reversed": ([[0.6, 0.2, 0.1, 0.9]], r"boxes\[0\]\[0\] .* is empty or reversed"),
+    "zero width": ([[0.1, 0.2, 0.5, 0.9], [0.3, 0.2, 0.3, 0.9]], r"boxes\[0\]\[1\] .* is empty or reversed"),
+    "pixels, not normalised": ([[10.0, 20.0, 50.0, 90.0]], r"outside \[0, 1\].*not in pixels"),
+    "negative": ([[-0.2, 0.0, 0.5, 0.5]], r"outside \[0, 1\]"),
+    "huge (used to crash RoIAlign)": ([[0.0, 0.0, 1e6, 1e6]], r"outside \[0, 1\]"),
+    "NaN": ([[0.1, float("nan"), 0.5, 0.9]], r"NaN or infinite"),
+    "not (K, 4)": ([0.1, 0.2, 0.5, 0.9], r"boxes\[0\] must be a \(K, 4\) tensor"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BOXES)
+def test_bad_boxes_raise_naming_the_box(checked_model, case):
+    image_boxes, message = BAD_BOXES[case]
+    with pytest.raises(ValueError, match=message):
+        checked_model.get_region_features(pixels(1, 32, 32), [torch.tensor(image_boxes)])
+    with pytest.raises(ValueError, match=message):  # the public pooling function refuses them too
+        pool_boxes(torch.randn(1, 4, 8, 8), [torch.tensor(image_boxes)])
+
+
+def test_box_lists_must_match_the_batch(checked_model):
+    box = torch.tensor([[0.1, 0.2, 0.5, 0.9]])
+    with pytest.raises(ValueError, match="1 boxes lists for a batch of 2 images"):
+        checked_model.get_region_features(pixels(2, 32, 32), [box])
+    with pytest.raises(TypeError, match="one tensor per image"):
+        checked_model.get_region_features(pixels(1, 32, 32), box)
+
+
+def test_box_edges_within_rounding_of_the_frame_are_clamped(checked_model):
+    """An edge a hair outside [0, 1] (float rounding of pixel edge / size) pools as the edge itself."""
+    with torch.no_grad():
+        (rounded,) = checked_model.get_region_features(pixels(1, 32, 32), [torch.tensor([[-5e-5, 0.0, 1.00005, 1.0]])])
+        (exact,) = checked_model.get_region_features(pixels(1, 32, 32), [torch.tensor([[0.0, 0.0, 1.0, 1.0]])])
+    assert torch.equal(rounded, exact)
+
+
+def test_empty_mask_raises_instead_of_a_zero_feature(checked_model):
+    """Replaces the old guarantee "an empty mask pools to a zero vector, not NaN": a zero vector scores every class
+    alike, so an all-False mask is now an error that names it."""
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, :4, :4] = True
+    with pytest.raises(ValueError, match=r"masks\[0\]\[1\] is empty \(all False / zero\)"):
+        checked_model.get_mask_features(pixels(1, 32, 32), [masks])
+
+
+BAD_MASKS = {
+    "NaN": (lambda: torch.full((1, 32, 32), float("nan")), r"masks\[0\]\[0\] has NaN"),
+    "negative": (lambda: -torch.ones(1, 32, 32), r"negative values"),
+    "(H, W) without the mask axis": (lambda: torch.ones(32, 32), r"must be a \(K, H, W\) tensor"),
+    "another frame's shape": (lambda: torch.ones(1, 20, 30), r"masks\[0\] are 20x30 but the input is 32x32"),
+    "transposed": (lambda: torch.ones(1, 40, 24), r"masks\[0\] are 40x24"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MASKS)
+def test_bad_masks_raise_naming_the_mask(checked_model, case):
+    make_masks, message = BAD_MASKS[case]
+    height, width = (24, 40) if case == "transposed" else (32, 32)
+    with pytest.raises(ValueError, match=message):
+        checked_model.get_mask_features(pixels(1, height, width), [make_masks()])
+
+
+def test_masks_of_the_input_frame_pool_alike_at_any_resolution_and_weight_scale(checked_model):
+    """A mask on the patch grid, at the input's resolution, at twice it (the original image's, say) or as 0/255 uint8
+    pools to the same feature: weights are normalised and area-resized onto the grid."""
+    grid_mask = torch.zeros(1, 6, 10, dtype=torch.bool)
+    grid_mask[0, 2:5, 1:7] = True
+    pixel_mask = grid_mask.repeat_interleave(PATCH, dim=1).repeat_interleave(PATCH, dim=2)  # 24 x 40
+    original_mask = pixel_mask.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # 48 x 80
+    with torch.no_grad():
+        pooled = [
+            checked_model.get_mask_features(pixels(1, 24, 40), [mask])[0]
+            for mask in (grid_mask, pixel_mask, original_mask, pixel_mask.to(torch.uint8) * 255)
+        ]
+    for other in pooled[1:]:
+        torch.testing.assert_close(other, pooled[0], atol=1e-6, rtol=1e-6)
+
+
+BAD_PIXELS = {
+    "uint8 (not run through the processor)": (
+        lambda: torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), TypeError, r"uint8.*image processor"
+    ),
+    "one (3, H, W) image": (lambda: pixels(1, 32, 32)[0], ValueError, r"\(3, 32, 32\).*pixel_values\[None\]"),
+    "(H, W)": (lambda: torch.rand(32, 32), ValueError, r"\(32, 32\); expected a batch \(B, 3, H, W\)"),
+    "channels last": (lambda: torch.rand(1, 32, 32, 3), ValueError, r"32 channels.*permute\(0, 3, 1, 2\)"),
+    "empty batch": (lambda: torch.rand(0, 3, 32, 32), ValueError, r"empty batch"),
+    "0-size image": (lambda: torch.rand(1, 3, 0, 32), ValueError, r"0-size image"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PIXELS)
+@pytest.mark.parametrize("method", ["dense", "region", "mask"])
+def test_bad_pixel_values_raise_before_any_computation(checked_model, case, method):
+    make_pixels, error, message = BAD_PIXELS[case]
+    whole_image = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    calls = {
+        "dense": lambda pixel_values: checked_model.get_dense_features(pixel_values),
+        "region": lambda pixel_values: checked_model.get_region_features(pixel_values, [whole_image]),
+        "mask": lambda pixel_values: checked_model.get_mask_features(pixel_values, [torch.ones(1, 32, 32)]),
+    }
+    with pytest.raises(error, match=message):
+        calls[method](make_pixels())
 
 
 # --------------------------------------------------------------------------------------------------------------------

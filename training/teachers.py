@@ -46,7 +46,9 @@ class FrozenCLIPTeacher(nn.Module):
         """(K, 3, T, T) crops -> (K, D) float32, L2-normalised."""
         image_size = self.model.config.image_size
         interpolate = tuple(crops.shape[-2:]) != (image_size, image_size)
-        embeds = self.model.get_image_features(crops.to(self.dtype), interpolate_pos_encoding=interpolate)
+        embeds = self.model.get_image_features(
+            crops.to(self.dtype), interpolate_pos_encoding=interpolate, return_dict=True
+        ).pooler_output
         return F.normalize(embeds.float(), dim=-1)
 
 
