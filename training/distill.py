@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--make_tiny_assets", metavar="DIR", help="Write tiny random CLIP/DINOv2 checkpoints (DIR/clip, DIR/dinov2) "
         "and generated parquet images (DIR/images) there if DIR does not exist yet; for the built-in demo config.")
     # Models
-    add("--student", help="The CLIP to distil: Hub id or folder of a CLIPModel, CLIPVisionModel(WithProjection) or "
+    add("--student", help="The CLIP to distil: Hub id or folder of a CLIPModel, CLIPVisionModelWithProjection or "
         "DeCLIP checkpoint (e.g. openai/clip-vit-base-patch16). Also the frozen content teacher.")
     add("--vfm", help="The frozen context teacher: Hub id or folder of a Dinov2Model or Dinov2WithRegistersModel "
         "(e.g. facebook/dinov2-base). Its CLS and register tokens are dropped.")
