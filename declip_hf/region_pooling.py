@@ -121,9 +121,9 @@ def pool_masks(dense_embeds: torch.Tensor, masks: list[torch.Tensor]) -> torch.T
     pooled = []
     with torch.autocast(dense_embeds.device.type, enabled=False):
         for image_features, image_masks in zip(dense_embeds.float(), checked):
-            # docs/method.md only says "resized". Area resizing weighs each patch by the share of it the mask covers,
-            # so a mask smaller than a patch still counts; bilinear sampling reads about one pixel in sixteen per
-            # patch and can miss it entirely (its feature would be zero).
+            # The method only asks for masks resized to the grid (docs/method.md §2). Area resizing weighs each patch
+            # by the share of it the mask covers, so a mask smaller than a patch still counts; bilinear sampling
+            # reads about one pixel in sixteen per patch and can miss it entirely (its feature would be zero).
             weights = F.interpolate(
                 image_masks[:, None].to(image_features.device), size=(grid_height, grid_width), mode="area"
             ).flatten(1)  # (K, h*w)

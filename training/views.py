@@ -4,8 +4,9 @@ From a decoded RGB image: the student view (letterboxed, CLIP-normalised), up to
 frozen CLIP teacher together with their boxes in the student frame, and the VFM view whose patch grid equals the
 student's.
 
-Choices where docs/method.md is silent, following the authors' recipe (CLIPSelf / DeCLIP `GridDistillDataset`
-with open_clip's `ResizeLongest` / `ResizeMaxSize` transforms) unless said otherwise:
+Choices the paper leaves open (docs/method.md §3 and its section on where we differ), following the authors' recipe
+(CLIPSelf / DeCLIP `GridDistillDataset` with open_clip's `ResizeLongest` / `ResizeMaxSize` transforms) unless said
+otherwise:
 
 - Resized sizes are `round(side * target / longest_side)` (Python's `round`, as open_clip does), at least 1 px.
 - Grid cells have integer pixel edges: the j-th of N column edges is `floor(j * W0 / N + 1/2)` (rows alike), so
