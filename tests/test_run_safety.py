@@ -404,6 +404,22 @@ def _launch(argv: list, processes: int, port: int, cpu: bool = True) -> subproce
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
 
 
+def test_a_bad_flag_under_accelerate_launch_quiet_is_one_line(tmp_path, tiny_clip_dir, tiny_dinov2_dir):
+    """What the README tells users: the script prints its error once; `accelerate launch -q` leaves out the
+    launcher's own CalledProcessError traceback (single process)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--cpu", "--num_processes", "1",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "training/distill.py",
+               "--student", str(tiny_clip_dir), "--vfm", str(tiny_dinov2_dir), "--dataset", str(tmp_path),
+               "--output_dir", str(tmp_path / "run"), "--lr", "-1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == ["distill.py: error: --lr must be a finite number > 0, got -1.0 (the recipe: 1e-5 for a total "
+                      "batch of 16)."], result.stderr
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr
+
+
 def _uneven_shards(folder: Path) -> Path:
     """Two shards (one per process): shard 0 has 2 usable images and 8 unusable, shard 1 has 10 usable."""
     rng = np.random.default_rng(0)
