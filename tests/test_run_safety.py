@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from datasets import Dataset, Features, Image
 
 from declip_hf import DeCLIPVisionModel
@@ -29,19 +28,12 @@ from training.progress import TrainingProgress, read_log_records, uneven_ranks_w
 from training.tiny_assets import bad_images, encode, synthetic_image, write_image_shards
 from training.views import SKIP_REASONS
 
+from test_distill import _run_in_process as _run  # `main` in this process, Accelerate's singletons reset
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT_SIZE = 64  # tiny CLIP patch 4 -> a 16 x 16 grid
 
 
-def _run(argv: list) -> dict:
-    """`main` in this process; Accelerate's singletons are reset around it."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return distill.main([str(arg) for arg in argv])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def _fails(argv: list, capsys, exit_code: int) -> str:
