@@ -250,12 +250,12 @@ def test_correlation_map_is_the_cosine_with_the_query_patch():
 def test_context_correlation_averages_the_modes_projections(tiny_clip_dir, pixel_values, mode):
     model = DeCLIPVisionModel.from_pretrained(tiny_clip_dir, decoupled_attention=mode).eval()
     last = model.encoder.layers[-1]
+    names = {"qq": ["q"], "csa": ["q", "k"]}[mode]
+    query = 23
     with torch.no_grad():
         inputs = layer_inputs(model, pixel_values)[-1]
         norm = last.layer_norm1
         normed = F.layer_norm(inputs, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    names = {"qq": ["q"], "csa": ["q", "k"]}[mode]
-    query = 23
         projections = [plain_projection(getattr(last.self_attn, f"{name}_proj"), normed) for name in names]
     for image in range(2):
         maps = [written_out_cosine_map(projection[image, 1:], query, GRID) for projection in projections]
