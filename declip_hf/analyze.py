@@ -335,6 +335,35 @@ def analyse(models: list[AnalysedModel], images: dict[str, Image.Image], out: Pa
     return report
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The model card's figure (python -m declip_hf.release --analysis-images)
+# --------------------------------------------------------------------------------------------------------------------
+
+CARD_FIGURE = "proxy_scores.png"
+
+
+def release_analysis(model_dir: Path, model_label: str, compare: str, compare_label: str, image_paths: list[str],
+                     out: Path, top_k: int = DEFAULT_TOP_K) -> dict:
+    """Proxy-token scores of a released model and the CLIP it started from (read in the released model's mode) on
+    sample images: writes `out / CARD_FIGURE` and returns what the card shows."""
+    released = load_analysed_model(str(model_dir), None)
+    mode = released.model.config.decoupled_attention
+    baseline = load_analysed_model(compare, mode)
+    released.label, baseline.label = f"{model_label} ({mode})", f"{compare_label} ({mode})"
+    images = [read_image(path) for path in image_files(image_paths)]
+    size = check_size(released.model.config.image_size, [released, baseline])
+    scores = score_images([baseline, released], images, size, top_k)
+    plot_proxy_scores(scores, out / CARD_FIGURE,
+                      title=f"Proxy tokens per layer, {compare_label} vs {model_label} "
+                      f"({len(images)} sample image(s), k = {top_k}; mean ± std)")
+    rows = [{"label": label, "deepest": f"{entry['proxy_score']['mean'][-2]:.3f}",
+             "decoupled": f"{entry['proxy_score']['mean'][-1]:.3f}",
+             "deepest_similarity": f"{entry['row_similarity']['mean'][-2]:.3f}",
+             "decoupled_similarity": f"{entry['row_similarity']['mean'][-1]:.3f}"} for label, entry in scores.items()]
+    return {"figure": CARD_FIGURE, "num_images": len(images), "size": size, "top_k": top_k, "mode": mode,
+            "rows": rows}
+
+
 @exits_on_user_error
 def main(argv=None) -> dict:
     args = parse_args(argv)
