@@ -110,7 +110,9 @@ def parse_points(text: str) -> list[tuple[float, float]]:
     except ValueError:
         points = None
     if not points or any(len(point) != 2 or not all(0 <= v <= 1 for v in point) for point in points):
-        raise ValueError(f"--points {text!r}: give points as x,y pairs in [0, 1] separated by ';', e.g. 0.5,0.5;0.2,0.8.")
+        raise ValueError(
+            f"--points {text!r}: give points as x,y pairs in [0, 1] separated by ';', e.g. 0.5,0.5;0.2,0.8."
+        )
     return points
 
 
@@ -323,12 +325,12 @@ def analyse(models: list[AnalysedModel], images: dict[str, Image.Image], out: Pa
     plot_proxy_scores(scores, out / "proxy_scores.png")
     figures = ["proxy_scores.png"]
     for name, image in list(images.items())[:figure_images]:
+        stem = slug(Path(name).stem)
         for model in models:
-            path = plot_attention_grid(model, image, size, points, out / f"attention_{slug(model.label)}_{slug(Path(name).stem)}.png",
-                                       name)
-            figures.append(path.name)
-        figures.append(plot_correlations(models, vfm, image, size, points, out / f"correlation_{slug(Path(name).stem)}.png",
-                                         name).name)
+            path = out / f"attention_{slug(model.label)}_{stem}.png"
+            figures.append(plot_attention_grid(model, image, size, points, path, name).name)
+        path = out / f"correlation_{stem}.png"
+        figures.append(plot_correlations(models, vfm, image, size, points, path, name).name)
     report = {"definition": SCORE_DEFINITION, "top_k": top_k, "size": size, "points": points,
               "images": list(images), "vfm": vfm.name if vfm else None, "models": scores, "figures": figures}
     (out / "scores.json").write_text(json.dumps(report, indent=2))
