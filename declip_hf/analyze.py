@@ -207,7 +207,7 @@ def _overlay(axis, picture, heat, cmap, vmin, vmax):
 
 
 def _mark(axis, picture, point):
-    axis.plot(point[0] * picture.size[0], point[1] * picture.size[1], marker="x", color="red", markersize=8, mew=2)
+    axis.plot(point[0] * picture.size[0], point[1] * picture.size[1], marker="x", color="lime", markersize=8, mew=2)
 
 
 def plot_attention_grid(model: AnalysedModel, image: Image.Image, size: int, points, path: Path, name: str) -> Path:
@@ -235,7 +235,7 @@ def plot_attention_grid(model: AnalysedModel, image: Image.Image, size: int, poi
             axes[0, column].set_title(title, fontsize=8)
         axes[row, 0].set_ylabel(row_label, fontsize=8)
     figure.suptitle(f"{model.label}: where each query attends, on {name}\n(heads averaged, each map scaled to its "
-                    "maximum; red x = the query)", fontsize=9)
+                    "maximum; green x = the query)", fontsize=9)
     figure.savefig(path, dpi=70)
     plt.close(figure)
     return path
