@@ -348,11 +348,11 @@ def release_analysis(model_dir: Path, model_label: str, compare: str, compare_la
                      out: Path, top_k: int = DEFAULT_TOP_K) -> dict:
     """Proxy-token scores of a released model and the CLIP it started from (read in the released model's mode) on
     sample images: writes `out / CARD_FIGURE` and returns what the card shows."""
+    images = [read_image(path) for path in image_files(image_paths)]  # a bad path fails before any model loads
     released = load_analysed_model(str(model_dir), None)
     mode = released.model.config.decoupled_attention
     baseline = load_analysed_model(compare, mode)
     released.label, baseline.label = f"{model_label} ({mode})", f"{compare_label} ({mode})"
-    images = [read_image(path) for path in image_files(image_paths)]
     size = check_size(released.model.config.image_size, [released, baseline])
     scores = score_images([baseline, released], images, size, top_k)
     plot_proxy_scores(scores, out / CARD_FIGURE,

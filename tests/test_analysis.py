@@ -244,6 +244,8 @@ def test_correlation_map_is_the_cosine_with_the_query_patch():
         tokens = features[image].flatten(1).T  # (N, C)
         torch.testing.assert_close(maps[image], written_out_cosine_map(tokens, 7, (3, 5)), atol=1e-6, rtol=1e-5)
     assert maps[0, 1, 2].item() == pytest.approx(1.0)  # the query itself
+    with pytest.raises(ValueError, match="not one of the 15 patches"):
+        correlation_map(features, CLS_QUERY)  # CLS has no place in a patch map
 
 
 @pytest.mark.parametrize("mode", ["qq", "csa"])
