@@ -378,10 +378,12 @@ def build_model_card(
     datasets: list[str] | None = None,
     results: dict | None = None,
     template: str | None = None,
+    analysis: dict | None = None,
 ) -> ModelCard:
     """The card of `run` released as `repo_id`; `base_model` and `datasets` default to the run's own when they
     are Hub ids, and replace the run's recorded (local) student and dataset wherever the card shows them.
-    `template` is the template's text (default: `card_template()`)."""
+    `template` is the template's text (default: `card_template()`). `analysis` is what
+    `declip_hf.analyze.release_analysis` returns (figure file, proxy-token scores), or None for no analysis section."""
     config = json.loads((run.model_dir / "config.json").read_text())
     args = run.args
     base_model = base_model or hub_id_or_none(args.get("student"))
@@ -415,4 +417,5 @@ def build_model_card(
         paper_segmentation_table=paper_segmentation_table(),
         paper_region_openai=PAPER_REGION_OPENAI,
         paper_region_eva02=PAPER_REGION_EVA02,
+        analysis=analysis,
     )

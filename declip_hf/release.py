@@ -1,11 +1,14 @@
 """Assemble, validate and push a DeCLIP release (DeCLIP, CVPR 2025, arXiv 2505.04410) to the Hugging Face Hub.
 
     python -m declip_hf.release RUN_DIR --repo-id org/name [--results results.json] [--out DIR] [--push] [--private]
+        [--analysis-images IMAGES...]
 
 The folder it assembles is what gets uploaded: safetensors weights, config with `auto_map`, the model code for
 `trust_remote_code`, the image processor config, `text_encoder/` when the run has one, and a README.md card. It is
 validated first (card metadata, loading with and without the package, the card's snippets run offline against
-the folder under the repo id) and `--push` refuses unless every check passed.
+the folder under the repo id) and `--push` refuses unless every check passed. With `--analysis-images`, the card
+also shows the proxy-token scores of the released model and of the CLIP it started from on those images (a figure
+in the folder, drawn with matplotlib: `pip install "declip-hf[viz]"`).
 """
 
 import argparse
@@ -24,6 +27,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
+from .analyze import release_analysis
 from .model_card import (
     PIPELINE_TAG,
     PROJECT_URL,
@@ -46,6 +50,8 @@ SUBPROCESS_TIMEOUT_S = 900
 # The blocks of one kind run in document order as one script, like notebook cells; the kind says what runs first.
 SNIPPET_BLOCK = re.compile(r"<!-- declip-snippet: ([\w-]+) -->\s*```python\n(.*?)^```", re.S | re.M)
 PYTHON_BLOCK = re.compile(r"^```python\s*$", re.M)
+# Images the card shows from the folder itself: `![alt](file)` with a relative path.
+CARD_IMAGE_LINK = re.compile(r"!\[[^\]]*\]\((?![a-z]+://)([^)\s]+)\)")
 # Snippets shown "without the package" must run where declip_hf cannot be imported at all.
 _WITHOUT_PACKAGE = "import sys\nsys.modules['declip_hf'] = None  # an environment without declip-hf\n\n"
 SNIPPET_PREAMBLES = {"package": "", "remote-code": _WITHOUT_PACKAGE}
@@ -207,7 +213,7 @@ def image_processor_problems(folder: Path, config: dict) -> list[str]:
 
 def check_layout(folder: Path) -> Check:
     """Safetensors only, a config whose auto_map points at code files that are there, an image processor at the
-    model's input size."""
+    model's input size, and every figure the card shows from the folder."""
     problems = [
         f"pickle file {path.relative_to(folder)}" for path in folder.rglob("*") if path.suffix in PICKLE_SUFFIXES
     ]
@@ -219,9 +225,13 @@ def check_layout(folder: Path) -> Check:
     modules = {reference.split(".")[0] for reference in auto_map.values()}
     problems += [f"{module}.py missing" for module in sorted(modules) if not (folder / f"{module}.py").is_file()]
     problems += image_processor_problems(folder, config)
+    card_text = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
+    problems += [f"the card shows {link}, which is not in the folder" for link in CARD_IMAGE_LINK.findall(card_text)
+                 if not (folder / link).is_file()]
     text_folder = folder / TEXT_ENCODER_SUBFOLDER
     if text_folder.is_dir() and not list(text_folder.glob("*.safetensors")):
         problems.append(f"{TEXT_ENCODER_SUBFOLDER}/ has no .safetensors weights")
+    # The check's name is what reports and tests key on; card figures missing from the folder are listed too.
     return Check(
         "folder layout (safetensors, auto_map code, image processor, no pickles)", not problems, "; ".join(problems)
     )
@@ -430,17 +440,45 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Hub id of a training dataset, shown instead of the run's dataset path (repeatable); when not given, "
         "the run's dataset if it is a Hub id.",
     )
+    parser.add_argument(
+        "--analysis-images",
+        nargs="+",
+        default=None,
+        help="Image files or folders: the card then shows the proxy-token scores per layer of the released model "
+        "and of --analysis-compare on them (python -m declip_hf.analyze; needs matplotlib, the [viz] extra).",
+    )
+    parser.add_argument(
+        "--analysis-compare",
+        default=None,
+        help="The CLIP to compare with in the card's analysis figure; when not given, the run's student.",
+    )
     return parser.parse_args(argv)
 
 
-def _build_card(run: TrainingRun, args, results: dict | None) -> ModelCard:
+def _build_card(run: TrainingRun, args, results: dict | None, analysis: dict | None = None) -> ModelCard:
     base_model = args.base_model or hub_id_or_none(run.args.get("student"))
     license = args.license or default_license(base_model)
     if license is None:
         raise ValueError(
             "The licence of the starting checkpoint is unknown: pass --license (e.g. mit, apache-2.0, other)."
         )
-    return build_model_card(run, args.repo_id, license, args.base_model, args.dataset, results)
+    return build_model_card(run, args.repo_id, license, args.base_model, args.dataset, results, analysis=analysis)
+
+
+def _analyse_for_card(run: TrainingRun, args, out: Path) -> dict:
+    """Proxy-token scores of the run's model and its starting CLIP on --analysis-images, the figure written to
+    `out`; labelled as the card names them (the repo id, the base model or the student's last path component)."""
+    compare = args.analysis_compare or str(run.args.get("student", ""))
+    if not compare:
+        raise ValueError("The run records no student: pass --analysis-compare with the CLIP to compare with.")
+    compare_label = (args.base_model if not args.analysis_compare else None) or hub_id_or_none(compare) or Path(
+        compare.rstrip("/")
+    ).name
+    try:
+        return release_analysis(run.model_dir, args.repo_id.split("/")[-1], compare, compare_label,
+                                args.analysis_images, out)
+    except ImportError as error:  # matplotlib missing: a user error with a named fix
+        raise ValueError(str(error)) from None
 
 
 def _read_inputs(args) -> tuple[TrainingRun, dict | None, ModelCard, Path]:
@@ -464,6 +502,8 @@ def main(argv=None) -> int:
         return 2
     try:
         run, results, card, out = _read_inputs(args)
+        if args.analysis_images:
+            card = _build_card(run, args, results, _analyse_for_card(run, args, out))
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
