@@ -258,16 +258,16 @@ def build_demo(segmenter: DeCLIPSegmenter, settings: DemoSettings | None = None,
         )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Input image (click a point)", sources=["upload", "clipboard"])
-                labels = gr.Textbox(label="Class names", value=EXAMPLE_LABELS)
-                segment_button = gr.Button("Segment", variant="primary")
+                image = gr.Image(type="pil", label="Input image (click a point)", sources=["upload", "clipboard"], elem_id="image")
+                labels = gr.Textbox(label="Class names", value=EXAMPLE_LABELS, elem_id="labels")
+                segment_button = gr.Button("Segment", variant="primary", elem_id="segment")
                 with gr.Row():
                     x = gr.Number(label="x (pixels)", precision=0)
                     y = gr.Number(label="y (pixels)", precision=0)
                 maps_button = gr.Button("Show point maps")
             with gr.Column():
-                overlay = gr.Image(type="pil", label="Segmentation", format="png", interactive=False)
-                areas = gr.Textbox(label="Share of the image", interactive=False)
+                overlay = gr.Image(type="pil", label="Segmentation", format="png", interactive=False, elem_id="overlay")
+                areas = gr.Textbox(label="Share of the image", interactive=False, elem_id="areas")
         with gr.Row():
             correlation = gr.Image(type="pil", label="Context correlation", format="png", interactive=False)
             attention = gr.Image(type="pil", label="Final-layer attention", format="png", interactive=False)
