@@ -12,6 +12,7 @@ context loss aligns with a VFM, docs/method.md §4.2) and its final-layer attent
 """
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw
 from transformers.image_processing_base import ImageProcessingMixin
 
 from .cli import add_model_arguments, check_model_arguments, exits_on_user_error, flag, load_segmenter, make_parser
-from .modeling_declip import DECOUPLED_PATHS, SelfSimilarityAttention, _split_heads
+from .analysis import context_correlation, final_layer_attention, grid_size, point_to_patch_index
 from .preprocessing import TRAINING_SIZE_FIELD, prepare_dense_inputs
 from .segment import legend_overlay
 from .segmentation import DeCLIPSegmenter, check_inference_settings
@@ -65,63 +66,6 @@ class PointMaps:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# The two maps of one patch: (model, pixel_values (1, 3, H, W), query_index into the row-major patch grid) -> (h, w).
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def context_correlation_map(model, pixel_values: torch.Tensor, query_index: int) -> torch.Tensor:
-    """Row `query_index` of R_clip (docs/method.md §4.2): the cosine similarity of the patch's context feature with
-    every patch's, averaged over the mode's context features (q and k for csa), as an (h, w) map."""
-    grid_height, grid_width = pixel_values.shape[-2] // model.patch_size, pixel_values.shape[-1] // model.patch_size
-    features = model.get_dense_features(pixel_values).context_features
-    if not features:
-        raise ValueError(
-            f"Mode {model.config.decoupled_attention!r} has no context features (a baseline); start the demo with "
-            "--decoupled-attention qq (or csa, kk, vv, all) for the correlation map."
-        )
-    rows = [F.normalize(feature[0].float(), dim=-1) for feature in features]  # each (N, C)
-    correlation = torch.stack([patches @ patches[query_index] for patches in rows]).mean(dim=0)  # (N,)
-    return correlation.view(grid_height, grid_width)
-
-
-def _self_similarity_row(path: SelfSimilarityAttention, layer, normed: torch.Tensor, token: int) -> torch.Tensor:
-    """One query row of the decoupled weights A (docs/method.md §1.2), per head: (B, H, 1+N). Only that row is
-    computed, so a large grid never needs the (1+N) x (1+N) matrix."""
-    attention = layer.self_attn
-    heads = {name: _split_heads(getattr(attention, f"{name}_proj")(normed), attention.num_heads)
-             for group in path.similarity_groups for name in group}
-    row = 0
-    for group in path.similarity_groups:
-        similarity = torch.cat([heads[name] for name in group], dim=-1).float()  # (B, H, T, d * len(group))
-        scores = similarity[:, :, token : token + 1] @ similarity.transpose(-1, -2)  # (B, H, 1, T)
-        row = row + torch.softmax(scores[:, :, 0] * attention.scale / len(group), dim=-1)
-    return row
-
-
-def _vanilla_row(layer, normed: torch.Tensor, token: int) -> torch.Tensor:
-    """CLIP's own q-k attention row, per head: (B, H, 1+N)."""
-    attention = layer.self_attn
-    query = _split_heads(attention.q_proj(normed), attention.num_heads)[:, :, token : token + 1].float()
-    keys = _split_heads(attention.k_proj(normed), attention.num_heads).float()
-    return torch.softmax((query @ keys.transpose(-1, -2))[:, :, 0] * attention.scale, dim=-1)
-
-
-def final_layer_attention_map(model, pixel_values: torch.Tensor, query_index: int) -> torch.Tensor:
-    """The patch's row of the final layer's attention weights in the model's mode, mean over heads, over the patches
-    (the CLS column dropped) as an (h, w) map. `maskclip` attends to nothing (its value path has no weights)."""
-    mode = model.config.decoupled_attention
-    path = DECOUPLED_PATHS[mode]
-    if mode == "maskclip":
-        raise ValueError("Mode 'maskclip' has no attention weights; start the demo with another --decoupled-attention.")
-    grid_height, grid_width = pixel_values.shape[-2] // model.patch_size, pixel_values.shape[-1] // model.patch_size
-    layer = model.encoder.layers[-1]
-    normed = layer.layer_norm1(model._encode_before_last_layer(pixel_values))
-    token = 1 + query_index  # token 0 is CLS
-    row = _vanilla_row(layer, normed, token) if mode == "vanilla" else _self_similarity_row(path, layer, normed, token)
-    return row[0].mean(dim=0)[1:].view(grid_height, grid_width)
-
-
 def recorded_training_size(name_or_path: str) -> int | None:
     """The training resolution a released model's image processor records, if any."""
     try:
@@ -157,15 +101,14 @@ def segment_image(segmenter: DeCLIPSegmenter, image: Image.Image, labels: str, s
     return overlay, ", ".join(f"{name} {area:.1%}" for name, area in zip(names, areas))
 
 
-def clicked_patch(x: float, y: float, image_size: tuple[int, int], map_size: int, patch_size: int) -> tuple[int, int]:
-    """(row, col) of the patch under pixel (x, y) of the original image, in the letterboxed `map_size` square
-    (`prepare_dense_inputs`: longest side scaled to `map_size`, image at the top left)."""
+def clicked_patch(x: float, y: float, image_size: tuple[int, int], grid: tuple[int, int]) -> int:
+    """Row-major index of the patch under pixel (x, y) of the original image, on the `grid` of its letterboxed
+    square (`prepare_dense_inputs`: longest side scaled to the square's, image at the top left)."""
     width, height = image_size
     if not (0 <= x < width and 0 <= y < height):
         raise ValueError(f"The point ({x:g}, {y:g}) lies outside the {width}x{height} image; click on the image.")
-    scale = map_size / max(width, height)
-    last = map_size // patch_size - 1
-    return min(int(y * scale) // patch_size, last), min(int(x * scale) // patch_size, last)
+    side = max(width, height)  # the square's side in original pixels
+    return point_to_patch_index(x / side, y / side, grid)
 
 
 def heatmap_overlay(image: Image.Image, values: torch.Tensor, low: float, high: float, map_size: int,
@@ -190,21 +133,26 @@ def point_maps(segmenter: DeCLIPSegmenter, image: Image.Image, x: float, y: floa
     """The context correlation map and the final-layer attention of the patch under (x, y), over the image."""
     image = _require_image(image)
     model = segmenter.vision_model
-    row, col = clicked_patch(x, y, image.size, settings.map_size, model.patch_size)
-    grid_width = settings.map_size // model.patch_size
     pixel_values = prepare_dense_inputs(
         image, settings.map_size, segmenter.image_mean.flatten().tolist(), segmenter.image_std.flatten().tolist()
     ).to(segmenter.device, model.dtype)
-    query_index = row * grid_width + col
-    with torch.no_grad():
-        correlation = context_correlation_map(model, pixel_values, query_index)
-        attention = final_layer_attention_map(model, pixel_values, query_index)
-    peak = attention.max().item()
-    mode = model.config.decoupled_attention
+    grid = grid_size(model, pixel_values)
+    query_index = clicked_patch(x, y, image.size, grid)
+    try:
+        correlation = context_correlation(model, pixel_values, query_index)[0]
+    except ValueError as error:  # a baseline mode: no context features
+        raise ValueError(f"{error} In the demo: restart it with --decoupled-attention qq (or csa, ...).") from None
+    attention = final_layer_attention(model, pixel_values, query_index)
+    # The colour scale tops at the largest weight on the image itself: the letterbox's padding is not drawn.
+    width, height = image.size
+    shown_rows, shown_columns = (math.ceil(side * grid[0] / max(width, height)) for side in (height, width))
+    peak = attention[:shown_rows, :shown_columns].max().item()
+    row, column = divmod(query_index, grid[1])
     caption = (
-        f"Patch (row {row}, column {col}) of the {grid_width}x{grid_width} grid at {settings.map_size} px. "
-        f"Correlation: cosine of its context feature with every patch's, coloured from -1 to 1. "
-        f"Attention: its final-layer '{mode}' weights, mean over heads, coloured from 0 to {peak:.3g} (the largest)."
+        f"Patch (row {row}, column {column}) of the {grid[0]}x{grid[1]} grid at {settings.map_size} px. "
+        "Correlation: cosine of its context feature with every patch's, coloured from -1 to 1. Attention: its "
+        f"final-layer '{model.config.decoupled_attention}' weights (row normalised, mean over heads), coloured from "
+        f"0 to {peak:.3g} (the largest on the image)."
     )
     return PointMaps(
         correlation=heatmap_overlay(image, correlation, -1.0, 1.0, settings.map_size, (x, y)),
@@ -258,7 +206,8 @@ def build_demo(segmenter: DeCLIPSegmenter, settings: DemoSettings | None = None,
         )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Input image (click a point)", sources=["upload", "clipboard"], elem_id="image")
+                image = gr.Image(type="pil", label="Input image (click a point)", sources=["upload", "clipboard"],
+                                 elem_id="image")
                 labels = gr.Textbox(label="Class names", value=EXAMPLE_LABELS, elem_id="labels")
                 segment_button = gr.Button("Segment", variant="primary", elem_id="segment")
                 with gr.Row():
@@ -266,12 +215,15 @@ def build_demo(segmenter: DeCLIPSegmenter, settings: DemoSettings | None = None,
                     y = gr.Number(label="y (pixels)", precision=0)
                 maps_button = gr.Button("Show point maps")
             with gr.Column():
-                overlay = gr.Image(type="pil", label="Segmentation", format="png", interactive=False, elem_id="overlay")
+                overlay = gr.Image(type="pil", label="Segmentation", format="png", interactive=False,
+                                   elem_id="overlay")
                 areas = gr.Textbox(label="Share of the image", interactive=False, elem_id="areas")
         with gr.Row():
-            correlation = gr.Image(type="pil", label="Context correlation", format="png", interactive=False)
-            attention = gr.Image(type="pil", label="Final-layer attention", format="png", interactive=False)
-        caption = gr.Markdown()
+            correlation = gr.Image(type="pil", label="Context correlation", format="png", interactive=False,
+                                   elem_id="correlation")
+            attention = gr.Image(type="pil", label="Final-layer attention", format="png", interactive=False,
+                                 elem_id="attention")
+        caption = gr.Markdown(elem_id="caption")
         map_outputs = [correlation, attention, caption]
         segment_button.click(_shown_to_user(segment), [image, labels], [overlay, areas], api_name="segment")
         labels.submit(_shown_to_user(segment), [image, labels], [overlay, areas], api_name=False)

@@ -60,7 +60,7 @@ def add_legend(overlay: Image.Image, names: list[str], colours, areas: list[floa
     return canvas
 
 
-def legend_overlay(image: Image.Image, label_map: torch.Tensor, class_names) -> tuple[Image.Image, list[str], list[float]]:
+def legend_overlay(image: Image.Image, label_map: torch.Tensor, class_names) -> tuple[Image.Image, list, list]:
     """The image with one colour per class and a legend; also each class's display name and share of the image."""
     colours = palette(len(class_names))
     areas = [(label_map == index).float().mean().item() for index in range(len(class_names))]

@@ -28,8 +28,8 @@ DISTRIBUTION = "declip-hf"
 SPACE_CHECK_TIMEOUT_S = 600
 SPACE_APP_VERIFIED = "declip-space: app built and segmented offline"
 
-SPACE_APP = '''"""DeCLIP demo for {repo_id}: segment an image into your words, click a point to see its context correlation
-and final-layer attention. Assembled by `python -m declip_hf.release --space`."""
+SPACE_APP = '''"""DeCLIP demo for {repo_id}: segment an image into your words, click a point to see its context
+correlation and final-layer attention. Assembled by `python -m declip_hf.release --space`."""
 
 import torch
 
@@ -133,9 +133,12 @@ def check_space_metadata(space_dir: Path, repo_id: str) -> Check:
         return Check("Space metadata parses", False, f"{type(error).__name__}: {error}")
     expected = {"sdk": "gradio", "sdk_version": gradio_version(), "app_file": APP_FILE, "models": [repo_id]}
     problems = [
-        f"{key} is {metadata.get(key)!r}, not {value!r}" for key, value in expected.items() if metadata.get(key) != value
+        f"{key} is {metadata.get(key)!r}, not {value!r}"
+        for key, value in expected.items()
+        if metadata.get(key) != value
     ]
-    problems += [f"{metadata.get('app_file')} missing"] if not (space_dir / str(metadata.get("app_file"))).is_file() else []
+    app_file = str(metadata.get("app_file"))
+    problems += [] if (space_dir / app_file).is_file() else [f"{app_file} missing"]
     return Check("Space metadata parses (sdk gradio, sdk_version, app_file, models)", not problems, "; ".join(problems))
 
 
@@ -166,10 +169,10 @@ def check_space_app(space_dir: Path, model_folder: Path, repo_id: str) -> Check:
     name = f"Space app builds and segments offline against {repo_id}"
     with tempfile.TemporaryDirectory(prefix="declip_space_") as workdir:
         try:
+            env = space_environment(model_folder, repo_id, Path(workdir))
             result = subprocess.run(
-                [sys.executable, "-c", _APP_CHECK], cwd=space_dir, env=space_environment(model_folder, repo_id,
-                Path(workdir)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                timeout=SPACE_CHECK_TIMEOUT_S,
+                [sys.executable, "-c", _APP_CHECK], cwd=space_dir, env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, timeout=SPACE_CHECK_TIMEOUT_S,
             )
         except subprocess.TimeoutExpired:
             return Check(name, False, f"killed after {SPACE_CHECK_TIMEOUT_S} s")

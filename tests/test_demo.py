@@ -7,20 +7,12 @@ import time
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from declip_hf import demo
-from declip_hf.demo import (
-    DemoSettings,
-    clicked_patch,
-    context_correlation_map,
-    final_layer_attention_map,
-    point_maps,
-    resolve_map_size,
-    segment_image,
-)
+from declip_hf.analysis import final_layer_attention
+from declip_hf.demo import DemoSettings, clicked_patch, point_maps, resolve_map_size, segment_image
+from declip_hf.preprocessing import prepare_dense_inputs
 from declip_hf.segment import palette
 from declip_hf.segmentation import DeCLIPSegmenter
 
@@ -46,104 +38,19 @@ def image() -> Image.Image:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The maps of one patch, against plain computations
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _last_layer_projections(model, pixel_values):
-    """q, k, v of the last layer (B, H, 1+N, d), written out from the encoder's modules."""
-    hidden = model.pre_layrnorm(model.embeddings(pixel_values, interpolate_pos_encoding=True))
-    for layer in model.encoder.layers[:-1]:
-        hidden = layer(hidden, None)
-    layer = model.encoder.layers[-1]
-    normed = layer.layer_norm1(hidden)
-    attention = layer.self_attn
-    heads = attention.num_heads
-
-    def split(tensor):
-        batch, tokens, channels = tensor.shape
-        return tensor.view(batch, tokens, heads, channels // heads).transpose(1, 2)
-
-    return {name: split(getattr(attention, f"{name}_proj")(normed)) for name in "qkv"}, attention.scale
-
-
-WRITTEN_OUT_WEIGHTS = {
-    "qq": lambda p, s: torch.softmax(s * p["q"] @ p["q"].transpose(-1, -2), -1),
-    "csa": lambda p, s: torch.softmax(s * p["q"] @ p["q"].transpose(-1, -2), -1)
-    + torch.softmax(s * p["k"] @ p["k"].transpose(-1, -2), -1),
-    "all": lambda p, s: torch.softmax(
-        s / 3 * sum(p[name] @ p[name].transpose(-1, -2) for name in "qkv"), -1
-    ),
-    "vanilla": lambda p, s: torch.softmax(s * p["q"] @ p["k"].transpose(-1, -2), -1),
-}
-
-
-@pytest.mark.parametrize("mode", sorted(WRITTEN_OUT_WEIGHTS))
-def test_attention_map_is_the_modes_weights_row(segmenter, mode):
-    model = segmenter.vision_model
-    model.config.decoupled_attention = mode
-    try:
-        pixel_values = torch.randn(1, 3, 32, 24, generator=torch.Generator().manual_seed(1))
-        projections, scale = _last_layer_projections(model, pixel_values)
-        weights = WRITTEN_OUT_WEIGHTS[mode](projections, scale)  # (1, H, 1+N, 1+N)
-        for query_index in (0, 5, 47):
-            expected = weights[0, :, 1 + query_index, 1:].mean(dim=0).view(8, 6)
-            with torch.no_grad():
-                got = final_layer_attention_map(model, pixel_values, query_index)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    finally:
-        model.config.decoupled_attention = "qq"
-
-
-@pytest.mark.parametrize("mode", ["qq", "csa"])
-def test_correlation_map_is_a_cosine_row_of_the_context_features(segmenter, mode):
-    model = segmenter.vision_model
-    model.config.decoupled_attention = mode
-    try:
-        pixel_values = torch.randn(1, 3, 24, 32, generator=torch.Generator().manual_seed(2))
-        projections, _ = _last_layer_projections(model, pixel_values)
-        names = {"qq": "q", "csa": "qk"}[mode]
-        query_index = 13
-        rows = []
-        for name in names:
-            feature = projections[name][0].transpose(0, 1).flatten(1)[1:]  # heads merged, CLS dropped: (N, C)
-            query = feature[query_index]
-            rows.append(torch.stack([F.cosine_similarity(query, other, dim=0) for other in feature]))
-        with torch.no_grad():
-            got = context_correlation_map(model, pixel_values, query_index)
-        torch.testing.assert_close(got, torch.stack(rows).mean(0).view(6, 8), atol=1e-5, rtol=1e-4)
-        assert got.flatten()[query_index] == pytest.approx(1.0, abs=1e-5)
-    finally:
-        model.config.decoupled_attention = "qq"
-
-
-def test_maps_of_modes_without_them_name_the_fix(segmenter):
-    model = segmenter.vision_model
-    pixel_values = torch.randn(1, 3, 32, 32)
-    try:
-        model.config.decoupled_attention = "maskclip"
-        with pytest.raises(ValueError, match="--decoupled-attention"):
-            final_layer_attention_map(model, pixel_values, 0)
-        with pytest.raises(ValueError, match="--decoupled-attention"):
-            context_correlation_map(model, pixel_values, 0)
-    finally:
-        model.config.decoupled_attention = "qq"
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The page's functions
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def test_clicked_patch_follows_the_letterbox():
-    # 60 x 40 image into a 32 px square: scale 32 / 60, the image fills rows 0..21 at the top left.
-    assert clicked_patch(0, 0, (60, 40), 32, 4) == (0, 0)
-    assert clicked_patch(59.9, 39.9, (60, 40), 32, 4) == (5, 7)
-    assert clicked_patch(30, 10, (60, 40), 32, 4) == (1, 4)
+    # 60 x 40 image into a 32 px square, 8 x 8 patches of 4 px: scale 32 / 60, the image fills the top 21 rows.
+    assert clicked_patch(0, 0, (60, 40), (8, 8)) == 0
+    assert clicked_patch(59.9, 39.9, (60, 40), (8, 8)) == 5 * 8 + 7
+    assert clicked_patch(30, 10, (60, 40), (8, 8)) == 1 * 8 + 4
     # A tall image: columns are the short side.
-    assert clicked_patch(19, 59, (20, 60), 32, 4) == (7, 2)
+    assert clicked_patch(19, 59, (20, 60), (8, 8)) == 7 * 8 + 2
     with pytest.raises(ValueError, match="outside the 60x40 image"):
-        clicked_patch(60, 5, (60, 40), 32, 4)
+        clicked_patch(60, 5, (60, 40), (8, 8))
 
 
 def test_segment_image_gives_an_overlay_with_a_legend(segmenter, image):
@@ -184,6 +91,20 @@ def test_functions_refuse_a_missing_image(segmenter):
         point_maps(segmenter, None, 1, 1, SETTINGS)
 
 
+VIRIDIS_TOP = np.array((253, 231, 37))
+
+
+def _shown(image: Image.Image, colour) -> np.ndarray:
+    """What the map draws at a pixel of `image` whose value is the top of the colour scale."""
+    return np.asarray(image).astype(np.float32) * (1 - demo._MAP_OPACITY) + np.asarray(colour) * demo._MAP_OPACITY
+
+
+def _patch_pixel(row: int, column: int) -> tuple[int, int]:
+    """A pixel (x, y) of the 60 x 40 image inside patch (row, column) of the 8 x 8 grid (scale 32 / 60): the
+    patch's bottom-right map pixel (4 column + 3, 4 row + 3), taken back to the image."""
+    return int((4 * column + 3.5) * 60 / 32), int((4 * row + 3.5) * 60 / 32)
+
+
 def test_point_maps_are_drawn_over_the_image(segmenter, image):
     maps = point_maps(segmenter, image, 45, 12, SETTINGS)
     assert maps.correlation.size == maps.attention.size == image.size
@@ -191,13 +112,27 @@ def test_point_maps_are_drawn_over_the_image(segmenter, image):
     correlation = np.asarray(maps.correlation).astype(np.int32)
     # The marker: a red ring around the clicked pixel.
     assert tuple(correlation[12, 45 + demo._MARKER_RADIUS]) == (255, 0, 0)
-    # The clicked patch correlates 1 with itself: drawn in the map's top colour (viridis yellow) over the photo.
-    # Patch (1, 6) covers map pixels x 24..27, y 4..7, i.e. image pixels x 45..52, y 7..14 (scale 32 / 60);
-    # (51, 14) lies in it, outside the ring of radius 5 around (45, 12).
-    inside = (51, 14)
-    photo = np.asarray(image).astype(np.float32)[inside[1], inside[0]]
-    top = photo * (1 - demo._MAP_OPACITY) + np.array((253, 231, 37)) * demo._MAP_OPACITY
-    assert np.abs(correlation[inside[1], inside[0]] - top).max() <= 1.0
+    # The clicked patch correlates 1 with itself: drawn in the scale's top colour (viridis yellow).
+    x, y = _patch_pixel(1, 6)
+    assert np.abs(correlation[y, x] - _shown(image, VIRIDIS_TOP)[y, x]).max() <= 1.5
+    # The attention map is the clicked patch's row: its most attended patch is drawn in the top colour.
+    pixel_values = prepare_dense_inputs(
+        image, SETTINGS.map_size, segmenter.image_mean.flatten().tolist(), segmenter.image_std.flatten().tolist()
+    )
+    expected = final_layer_attention(segmenter.vision_model, pixel_values, 1 * 8 + 6)[:6]  # the rows the image covers
+    row, column = divmod(int(expected.argmax()), 8)
+    x, y = _patch_pixel(row, column)
+    attention = np.asarray(maps.attention).astype(np.int32)
+    assert np.abs(attention[y, x] - _shown(image, VIRIDIS_TOP)[y, x]).max() <= 1.5
+
+
+def test_point_maps_of_a_baseline_mode_name_the_flag(segmenter, image):
+    segmenter.vision_model.config.decoupled_attention = "maskclip"
+    try:
+        with pytest.raises(ValueError, match="--decoupled-attention qq"):
+            point_maps(segmenter, image, 5, 5, SETTINGS)
+    finally:
+        segmenter.vision_model.config.decoupled_attention = "qq"
 
 
 def test_map_size_defaults_to_the_recorded_training_size(tmp_path, tiny_clip_dir):
@@ -287,7 +222,7 @@ def test_browser_uploads_an_image_and_shows_the_overlay(running_app, image, tmp_
     image.resize((240, 160), Image.Resampling.NEAREST).save(tmp_path / "upload.png")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1200"):
         options.add_argument(argument)
     os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download a browser or driver
     browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
@@ -303,8 +238,13 @@ def test_browser_uploads_an_image_and_shows_the_overlay(running_app, image, tmp_
         browser.find_element(By.CSS_SELECTOR, "#segment").click()
         overlay = wait.until(expected.visibility_of_element_located((By.CSS_SELECTOR, "#overlay img")))
         wait.until(lambda _: "red " in browser.find_element(By.CSS_SELECTOR, "#areas textarea").get_attribute("value"))
-        time.sleep(0.5)  # let the image finish painting before the screenshot
         assert overlay.get_attribute("naturalWidth") not in (None, "0")
+        # A click on the input image picks a point (Gradio's select event) and draws its two maps.
+        browser.find_element(By.CSS_SELECTOR, "#image img").click()
+        for name in ("correlation", "attention"):
+            wait.until(expected.visibility_of_element_located((By.CSS_SELECTOR, f"#{name} img")))
+        wait.until(lambda _: "Patch (row" in browser.find_element(By.CSS_SELECTOR, "#caption").text)
+        time.sleep(0.5)  # let the images finish painting before the screenshot
         browser.save_screenshot(str(tmp_path / "demo_page.png"))
     finally:
         browser.quit()
