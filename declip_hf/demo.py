@@ -12,6 +12,7 @@ context loss aligns with a VFM, docs/method.md §4.2) and its final-layer attent
 """
 
 import argparse
+import functools
 import math
 from dataclasses import dataclass
 
@@ -170,6 +171,7 @@ def _shown_to_user(function):
     """Gradio shows a `gr.Error` as a message on the page; any other exception only as a generic "Error"."""
     import gradio as gr
 
+    @functools.wraps(function)  # Gradio reads the parameter names for its API page
     def wrapper(*args):
         try:
             return function(*args)
@@ -279,22 +281,26 @@ def resolve_map_size(requested: int, model_name_or_path: str, patch_size: int) -
     return max(patch_size, size - size % patch_size)
 
 
-def load_demo(args: argparse.Namespace):
-    """The page for the options of `parse_args`, with its model loaded."""
-    settings = settings_from_args(args)
+def load_demo(args: argparse.Namespace, settings: DemoSettings):
+    """The page for the options of `parse_args` and their checked `settings`, with its model loaded."""
     segmenter = load_segmenter(args)
     settings.map_size = resolve_map_size(settings.map_size, args.model, segmenter.vision_model.patch_size)
     return build_demo(segmenter, settings, title=f"DeCLIP: {args.model}")
 
 
-@exits_on_user_error
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def require_gradio() -> None:
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise SystemExit('The demo needs Gradio: pip install "declip-hf[demo]"') from None
-    load_demo(args).launch(server_name=args.host, server_port=args.port)
+
+
+@exits_on_user_error
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    settings = settings_from_args(args)  # flag mistakes first, whether or not Gradio is installed
+    require_gradio()
+    load_demo(args, settings).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

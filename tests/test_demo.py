@@ -1,8 +1,8 @@
 """The browser demo (declip_hf.demo): its functions directly, the launched app through gradio_client, and one
 real-browser smoke test in headless Chromium."""
 
-import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -165,17 +165,25 @@ def test_cli_checks_flags_before_loading_the_model(flags, message, capsys):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def test_cli_without_gradio_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # an environment without the demo extra
+    with pytest.raises(SystemExit, match=r'pip install "declip-hf\[demo\]"'):
+        demo.main(["--model", "no/such-model-is-loaded"])
+
+
 @pytest.fixture(scope="module")
 def running_app(segmenter, tmp_path_factory):
     """The demo served on 127.0.0.1 in this process; closed after the module's tests."""
     pytest.importorskip("gradio", reason='Gradio is not installed: pip install "declip-hf[demo]"')
-    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))
-    page = demo.build_demo(segmenter, SETTINGS, title="DeCLIP test")
-    page.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
-    try:
-        yield page.local_url
-    finally:
-        page.close()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))  # uploads and outputs
+        patch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a browser or driver
+        page = demo.build_demo(segmenter, SETTINGS, title="DeCLIP test")
+        page.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+        try:
+            yield page.local_url
+        finally:
+            page.close()
 
 
 def test_app_answers_through_gradio_client(running_app, image, tmp_path):
@@ -224,7 +232,6 @@ def test_browser_uploads_an_image_and_shows_the_overlay(running_app, image, tmp_
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1200"):
         options.add_argument(argument)
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download a browser or driver
     browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
     try:
         browser.get(running_app)
