@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .loading_utils import image_normalisation, quiet_transformers
 from .modeling_declip import DECOUPLED_PATHS, DeCLIPVisionModel, SelfSimilarityAttention, _split_heads
@@ -173,15 +174,18 @@ def analyse_attention(model: DeCLIPVisionModel, pixel_values: torch.Tensor) -> D
     return DeCLIPAttentionOutput(tuple(layer_attentions), decoupled, grid, mode)
 
 
-def _query_row(query_index: int | None, num_patches: int) -> int:
-    if query_index is CLS_QUERY:
-        return 0
-    if not 0 <= query_index < num_patches:
+def _check_patch_index(query_index: int, num_patches: int) -> int:
+    if isinstance(query_index, bool) or not isinstance(query_index, int) or not 0 <= query_index < num_patches:
         raise ValueError(
-            f"query_index {query_index} is outside the {num_patches} patches; pass a row-major patch index "
-            "0 ... N-1 (point_to_patch_index converts a point) or None for the CLS token."
+            f"query_index {query_index!r} is not one of the {num_patches} patches; pass a row-major patch index "
+            "0 ... N-1 (point_to_patch_index converts a point)."
         )
-    return 1 + query_index
+    return query_index
+
+
+def _query_row(query_index: int | None, num_patches: int) -> int:
+    """The attention row of a query: 0 for CLS (`CLS_QUERY`), 1 + i for patch i."""
+    return 0 if query_index is CLS_QUERY else 1 + _check_patch_index(query_index, num_patches)
 
 
 def attention_map(attention: torch.Tensor, query_index: int | None, grid: tuple[int, int]) -> torch.Tensor:
@@ -201,9 +205,9 @@ def layer_attention_maps(
     """One image's attention maps of `query_index` per head: every layer's (L, num_heads, h, w) and the final
     layer's decoupled one (num_heads, h, w). `.mean(-3)` averages the heads."""
     analysis = analyse_attention(model, pixel_values[:1])
-    layers = torch.stack([attention_map(weights[0], query_index, analysis.grid_size) for weights in
-                          analysis.layer_attentions])
-    return layers, attention_map(analysis.decoupled_attention[0], query_index, analysis.grid_size)
+    grid = analysis.grid_size
+    layers = torch.stack([attention_map(weights[0], query_index, grid) for weights in analysis.layer_attentions])
+    return layers, attention_map(analysis.decoupled_attention[0], query_index, grid)
 
 
 def final_layer_attention(model: DeCLIPVisionModel, pixel_values: torch.Tensor, query_index: int | None):
@@ -266,8 +270,8 @@ class LayerProxyScores:
 def attention_proxy_scores(analysis: DeCLIPAttentionOutput, top_k: int = DEFAULT_TOP_K) -> LayerProxyScores:
     """Per-layer scores of an `analyse_attention` output, averaged over heads and images."""
     num_layers = len(analysis.layer_attentions)
-    scores = [proxy_token_scores(weights, top_k) for weights in (*analysis.layer_attentions,
-                                                                analysis.decoupled_attention)]
+    all_weights = (*analysis.layer_attentions, analysis.decoupled_attention)
+    scores = [proxy_token_scores(weights, top_k) for weights in all_weights]
     return LayerProxyScores(
         layers=[str(number) for number in range(1, num_layers + 1)] + [f"{num_layers} ({analysis.mode})"],
         proxy_score=torch.stack([score.proxy_score.mean() for score in scores]),
@@ -291,8 +295,8 @@ def model_proxy_scores(
 
 def correlation_map(features: torch.Tensor, query_index: int) -> torch.Tensor:
     """Cosine similarity of one patch with every patch: (B, C, h, w) -> (B, h, w), channels L2-normalised."""
-    batch_size, channels, grid_height, grid_width = features.shape
-    _query_row(query_index, grid_height * grid_width)  # refuses CLS and indices outside the grid
+    batch_size, _, grid_height, grid_width = features.shape
+    _check_patch_index(query_index, grid_height * grid_width)
     unit = F.normalize(features.float().flatten(2), dim=1)  # (B, C, n)
     query = unit[:, :, query_index]  # (B, C)
     return torch.einsum("bc,bcn->bn", query, unit).view(batch_size, grid_height, grid_width)
@@ -341,7 +345,7 @@ class VFMPatchFeatures:
 
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The VFM's image mean/std (its image-processor config; ImageNet's when it has none)."""
-        return image_normalisation(self.name, default_mean=(0.485, 0.456, 0.406), default_std=(0.229, 0.224, 0.225))
+        return image_normalisation(self.name, default_mean=IMAGENET_DEFAULT_MEAN, default_std=IMAGENET_DEFAULT_STD)
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
