@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from transformers.image_processing_base import ImageProcessingMixin
 
-from .cli import add_model_arguments, check_model_arguments, exits_on_user_error, flag, load_segmenter, make_parser
 from .analysis import context_correlation, final_layer_attention, grid_size, point_to_patch_index
+from .cli import add_model_arguments, check_model_arguments, exits_on_user_error, flag, load_segmenter, make_parser
 from .preprocessing import TRAINING_SIZE_FIELD, prepare_dense_inputs
 from .segment import legend_overlay
 from .segmentation import DeCLIPSegmenter, check_inference_settings
@@ -33,7 +33,7 @@ DEFAULT_MAP_SIZE = 448
 # viewers, without needing matplotlib.
 _VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float32)
 _MAP_OPACITY = 0.6
-_MARKER_RADIUS = 5
+_MIN_MARKER_RADIUS = 5
 EXAMPLE_LABELS = "sky, tree; grass, building, person, road"
 
 
@@ -125,9 +125,14 @@ def heatmap_overlay(image: Image.Image, values: torch.Tensor, low: float, high: 
     colours = np.stack([np.interp(unit, np.linspace(0, 1, len(_VIRIDIS)), _VIRIDIS[:, c]) for c in range(3)], -1)
     layer = Image.fromarray(colours.astype(np.uint8)).resize(image.size, Image.Resampling.NEAREST)
     blended = Image.blend(image.convert("RGB"), layer, _MAP_OPACITY)
-    x, y, r = point[0], point[1], _MARKER_RADIUS
-    ImageDraw.Draw(blended).ellipse([x - r, y - r, x + r, y + r], outline=(255, 0, 0), width=2)
+    x, y, r = point[0], point[1], marker_radius(image.size)
+    ImageDraw.Draw(blended).ellipse([x - r, y - r, x + r, y + r], outline=(255, 0, 0), width=max(2, r // 3))
     return blended
+
+
+def marker_radius(image_size: tuple[int, int]) -> int:
+    """The clicked point's ring: visible on a phone photo as on a thumbnail."""
+    return max(_MIN_MARKER_RADIUS, max(image_size) // 80)
 
 
 def point_maps(segmenter: DeCLIPSegmenter, image: Image.Image, x: float, y: float, settings: DemoSettings) -> PointMaps:

@@ -111,7 +111,7 @@ def test_point_maps_are_drawn_over_the_image(segmenter, image):
     assert "row 1, column 6" in maps.caption and "'qq'" in maps.caption
     correlation = np.asarray(maps.correlation).astype(np.int32)
     # The marker: a red ring around the clicked pixel.
-    assert tuple(correlation[12, 45 + demo._MARKER_RADIUS]) == (255, 0, 0)
+    assert demo.marker_radius(image.size) == 5 and tuple(correlation[12, 45 + 5]) == (255, 0, 0)
     # The clicked patch correlates 1 with itself: drawn in the scale's top colour (viridis yellow).
     x, y = _patch_pixel(1, 6)
     assert np.abs(correlation[y, x] - _shown(image, VIRIDIS_TOP)[y, x]).max() <= 1.5
