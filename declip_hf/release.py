@@ -423,6 +423,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Create the repository private (an existing repository keeps its visibility).",
     )
     parser.add_argument(
+        "--space",
+        type=Path,
+        default=None,
+        help="Also assemble a Hugging Face Space (Gradio demo of the release: app.py, requirements.txt, README.md) "
+        "in this folder and validate it offline (--push uploads the model only); needs the demo extra "
+        "(pip install 'declip-hf[demo]').",
+    )
+    parser.add_argument(
         "--license",
         default=None,
         help="Licence of the release; when not given, the base model's when known (OpenAI/LAION CLIP: mit).",
@@ -494,6 +502,28 @@ def _read_inputs(args) -> tuple[TrainingRun, dict | None, ModelCard, Path]:
     return run, results, card, out
 
 
+# The Space (declip_hf.space) builds on this module's checks and needs Gradio: imported only when --space is given.
+
+
+def _prepare_space(args, model_folder: Path) -> Path | None:
+    """The empty --space folder, checked with the other inputs before anything is assembled (None without --space)."""
+    if args.space is None:
+        return None
+    from .space import gradio_version, prepare_space_dir
+
+    gradio_version()  # a missing demo extra is an input error, reported before any work
+    return prepare_space_dir(args.space, args.run_dir, model_folder, replace=args.overwrite)
+
+
+def _release_space(space_dir: Path, model_folder: Path, repo_id: str, card: ModelCard) -> ValidationReport:
+    from .space import assemble_space, upload_hint, validate_space
+
+    assemble_space(space_dir, repo_id, card.data.license)
+    report = validate_space(space_dir, model_folder, repo_id)
+    print(f"Space folder {space_dir}:\n{report}" + (f"\n{upload_hint(space_dir, repo_id)}" if report.passed else ""))
+    return report
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     token = get_token() if args.push else None
@@ -502,6 +532,7 @@ def main(argv=None) -> int:
         return 2
     try:
         run, results, card, out = _read_inputs(args)
+        space_dir = _prepare_space(args, out)
         if args.analysis_images:
             card = _build_card(run, args, results, _analyse_for_card(run, args, out))
     except (OSError, ValueError) as error:
@@ -512,6 +543,8 @@ def main(argv=None) -> int:
         print(f"Left out pickle files (only safetensors are released): {left_out}")
     report = validate_release(out, args.repo_id, expect_results=results is not None)
     print(f"Release folder {out}:\n{report}")
+    if space_dir is not None and report.passed:
+        report = ValidationReport(report.checks + _release_space(space_dir, out, args.repo_id, card).checks)
     if not report.passed:
         print(
             "Validation failed: " + ("refusing to push, nothing was uploaded." if args.push else "fix the above."),

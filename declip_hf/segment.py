@@ -60,6 +60,14 @@ def add_legend(overlay: Image.Image, names: list[str], colours, areas: list[floa
     return canvas
 
 
+def legend_overlay(image: Image.Image, label_map: torch.Tensor, class_names) -> tuple[Image.Image, list, list]:
+    """The image with one colour per class and a legend; also each class's display name and share of the image."""
+    colours = palette(len(class_names))
+    areas = [(label_map == index).float().mean().item() for index in range(len(class_names))]
+    names = [" / ".join(names) for names in split_class_names(class_names)]
+    return add_legend(colour_overlay(image, label_map, colours), names, colours, areas), names, areas
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = make_parser(__doc__)
     parser.add_argument("image", help="Input image file.")
@@ -121,10 +129,7 @@ def main(argv=None) -> Image.Image:
     label_map, probabilities = output.label_maps[0], output.probabilities[0]
     if args.min_probability is not None:
         label_map = torch.where(probabilities.amax(dim=0) < args.min_probability, UNLABELLED, label_map)
-    colours = palette(len(class_names))
-    areas = [(label_map == index).float().mean().item() for index in range(len(class_names))]
-    names = [" / ".join(names) for names in split_class_names(class_names)]
-    result = add_legend(colour_overlay(image, label_map, colours), names, colours, areas)
+    result, names, areas = legend_overlay(image, label_map, class_names)
     result.save(args.out)
     print(f"Wrote {args.out}: " + ", ".join(f"{name} {area:.1%}" for name, area in zip(names, areas)))
     return result
