@@ -44,6 +44,7 @@ from .benchmarks import (
 )
 from .preprocessing import letterbox
 from .region_pooling import pool_boxes, pool_masks
+from .region_protocols import ImageRegions, get_region_protocol
 from .cli import add_model_arguments, check_model_arguments, exits_on_user_error, load_segmenter, make_parser
 from .segmentation import ClassEmbeddings, DeCLIPSegmenter, image_to_tensor, require_finite, split_class_names
 
@@ -255,48 +256,6 @@ def evaluate_segmentation(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ImageRegions:
-    boxes: torch.Tensor  # (K, 4) xyxy normalised in the padded square frame
-    masks: torch.Tensor  # (K, L, L) in the padded square frame, L = longest side in original pixels
-    class_indices: torch.Tensor  # (K,)
-
-
-def _segments_as_list(segments) -> list[dict]:
-    """`datasets` may hand a list of dicts or, for a `Sequence` of structs, a dict of lists."""
-    if isinstance(segments, dict):
-        keys = list(segments)
-        return [dict(zip(keys, values)) for values in zip(*(segments[key] for key in keys))]
-    return list(segments)
-
-
-def panoptic_regions(panoptic: Image.Image, segments, category_to_class: dict, skipped: Counter) -> ImageRegions:
-    """Boxes and masks of every non-crowd segment of a COCO panoptic PNG (segment id = R + 256 G + 256^2 B)."""
-    rgb = np.array(panoptic.convert("RGB")).astype(np.int64)
-    segment_ids = torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2])
-    height, width = segment_ids.shape
-    side = max(height, width)
-    boxes, masks, class_indices = [], [], []
-    for segment in _segments_as_list(segments):
-        if segment.get("iscrowd", 0):
-            skipped["crowd_regions"] += 1
-            continue
-        if segment["category_id"] not in category_to_class:
-            raise ValueError(f"Segment category id {segment['category_id']} is not among the spec's categories.")
-        mask = segment_ids == segment["id"]
-        rows, cols = torch.nonzero(mask, as_tuple=True)
-        if len(rows) == 0:
-            skipped["empty_regions"] += 1
-            continue
-        boxes.append(torch.stack([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]).float() / side)
-        # Padding right and bottom puts the mask in the square frame of the padded input.
-        masks.append(torch.nn.functional.pad(mask.float(), (0, side - width, 0, side - height)))
-        class_indices.append(category_to_class[segment["category_id"]])
-    if not boxes:
-        return ImageRegions(torch.zeros(0, 4), torch.zeros(0, side, side), torch.zeros(0, dtype=torch.long))
-    return ImageRegions(torch.stack(boxes), torch.stack(masks), torch.tensor(class_indices))
-
-
 def padded_square_view(image: Image.Image, size: int, segmenter: DeCLIPSegmenter) -> torch.Tensor:
     """The student view of training (docs/method.md §3): longest side to `size` (bicubic), black padding
     right and bottom to a square, then normalised. (1, 3, size, size)."""
@@ -305,18 +264,15 @@ def padded_square_view(image: Image.Image, size: int, segmenter: DeCLIPSegmenter
     return ((pixels - segmenter.image_mean) / segmenter.image_std)[None]
 
 
-def _mean_class_accuracy(correct: torch.Tensor, total: torch.Tensor, selected: torch.Tensor) -> float | None:
-    present = selected & (total > 0)
-    if not present.any():
-        return None
-    return round((correct[present] / total[present]).mean().item() * 100, 4)
-
-
-def _thing_and_stuff_accuracy(correct: torch.Tensor, total: torch.Tensor, is_thing: torch.Tensor) -> dict:
-    return {
-        "thing_mAcc": _mean_class_accuracy(correct, total, is_thing),
-        "stuff_mAcc": _mean_class_accuracy(correct, total, ~is_thing),
-    }
+def _pool_masks_allowing_empty(dense_embeds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mask-pooled features (K, D); a mask left empty on the feature grid (the authors' binarisation can erase a
+    small segment) gets the zero vector, as their `sum(m * f) / (sum(m) + 1e-12)` gives: all its scores are equal
+    and the first class wins the argmax."""
+    selects = masks.flatten(1).sum(dim=1) > 0
+    embeds = dense_embeds.new_zeros((len(masks), dense_embeds.shape[1]))
+    if selects.any():
+        embeds[selects.to(embeds.device)] = pool_masks(dense_embeds, [masks[selects].to(dense_embeds.device)])
+    return embeds
 
 
 def classify_regions(
@@ -328,10 +284,8 @@ def classify_regions(
         # One dense map serves both poolings (what get_region_features and get_mask_features each compute).
         pixels = padded_square_view(image, image_size, segmenter)
         dense_embeds = segmenter.vision_model.get_dense_features(pixels).dense_embeds.float()
-        pooled = {
-            "box": pool_boxes(dense_embeds, [regions.boxes]),
-            "mask": pool_masks(dense_embeds, [regions.masks.to(segmenter.device)]),
-        }
+        pooled = {"box": pool_boxes(dense_embeds, [regions.boxes]),
+                  "mask": _pool_masks_allowing_empty(dense_embeds, regions.masks)}
     predictions = {}
     for kind, embeds in pooled.items():
         scores = require_finite(embeds @ classes.name_embeds.T, f"The {kind}-pooled region scores")  # (K, names)
@@ -339,17 +293,43 @@ def classify_regions(
     return predictions
 
 
+def _feature_grid_size(segmenter: DeCLIPSegmenter, spec: RegionBenchmark) -> int:
+    patch_size = segmenter.vision_model.patch_size
+    if spec.image_size % patch_size:
+        raise ValueError(f"{spec.name}: image_size {spec.image_size} is not a multiple of the patch size "
+                         f"{patch_size}; use e.g. {spec.image_size // patch_size * patch_size}.")
+    return spec.image_size // patch_size
+
+
+def _region_accuracies(correct: dict, total: torch.Tensor, is_thing: torch.Tensor, protocol) -> dict:
+    """thing / stuff mAcc per pooling kind: the mean over classes with regions of the protocol-rounded accuracy."""
+    results = {}
+    for kind, kind_correct in correct.items():
+        per_class = protocol.round_accuracy(kind_correct / total.clamp(min=1))
+        results[kind] = {"thing_mAcc": _mean_over_present(per_class, total, is_thing),
+                         "stuff_mAcc": _mean_over_present(per_class, total, ~is_thing)}
+    return results
+
+
+def _mean_over_present(per_class: torch.Tensor, total: torch.Tensor, selected: torch.Tensor) -> float | None:
+    present = selected & (total > 0)
+    return round(per_class[present].mean().item() * 100, 4) if present.any() else None
+
+
 def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_images=None) -> dict:
-    """Top-1 mean class accuracy of box (RoIAlign) and mask-pooled features, for things and stuff separately."""
+    """Top-1 mean class accuracy of box (RoIAlign) and mask-pooled features, for things and stuff separately, under
+    the spec's region protocol (`declip_hf.region_protocols`)."""
+    protocol = get_region_protocol(spec.protocol)
     dataset = load_split(
         spec.path, spec.config_name, spec.split, spec.data_files,
         (spec.image_column, spec.panoptic_column, spec.segments_column),
     )
-    classes = segmenter.encode_classes([category["name"] for category in spec.categories])
+    classes = protocol.class_embeddings(segmenter, spec.categories)
     # Names on the device for the matmul; name_to_class stays on the CPU (no device sync in max_over_names).
     classes = ClassEmbeddings(name_embeds=classes.name_embeds.to(segmenter.device), name_to_class=classes.name_to_class)
     category_to_class = {category["id"]: index for index, category in enumerate(spec.categories)}
     is_thing = torch.tensor([bool(category["isthing"]) for category in spec.categories])
+    grid_size = _feature_grid_size(segmenter, spec)
     total = torch.zeros(len(spec.categories))
     correct = {"box": torch.zeros(len(spec.categories)), "mask": torch.zeros(len(spec.categories))}
     skipped, num_images = Counter(), 0
@@ -361,7 +341,8 @@ def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_imag
         if panoptic.size != image.size:
             skipped["size_mismatch"] += 1
             continue
-        regions = panoptic_regions(panoptic, sample[spec.segments_column], category_to_class, skipped)
+        regions = protocol.regions(panoptic, sample[spec.segments_column], category_to_class, is_thing, grid_size,
+                                   skipped)
         if len(regions.class_indices) == 0:
             skipped["no_regions"] += 1
             continue
@@ -372,9 +353,8 @@ def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_imag
         num_images += 1
     if num_images == 0:
         raise ValueError(f"{spec.name}: no usable sample in {spec.path} ({spec.split}); skipped: {dict(skipped)}.")
-    accuracies = {kind: _thing_and_stuff_accuracy(correct[kind], total, is_thing) for kind in correct}
-    return {**accuracies, "num_regions": int(total.sum()), "num_images": num_images, "skipped": dict(skipped),
-            "settings": spec.settings()}
+    return {**_region_accuracies(correct, total, is_thing, protocol), "num_regions": int(total.sum()),
+            "num_images": num_images, "skipped": dict(skipped), "settings": spec.settings()}
 
 
 # --------------------------------------------------------------------------------------------------------------------

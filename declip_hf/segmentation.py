@@ -486,9 +486,16 @@ class DeCLIPSegmenter(nn.Module):
         )
 
     def _embed_names(self, names: list[str], batch_size: int) -> list[torch.Tensor]:
-        if not names:
-            return []
-        prompts = [template.format(name) for name in names for template in self.templates]
+        prompt_sets = [[template.format(name) for template in self.templates] for name in names]
+        return list(self.embed_prompt_ensembles(prompt_sets, batch_size))
+
+    @torch.no_grad()
+    def embed_prompt_ensembles(self, prompt_sets: Sequence[Sequence[str]], batch_size: int = 256) -> torch.Tensor:
+        """(len(prompt_sets), projection_dim) on the CPU: per set, normalise(mean of its normalised prompt
+        embeddings). Sets may differ in length (e.g. ViLD prompts whose article depends on the name)."""
+        if not prompt_sets:
+            return torch.zeros(0, self.text_model.config.projection_dim)
+        prompts = [prompt for prompt_set in prompt_sets for prompt in prompt_set]
         text_device = next(self.text_model.parameters()).device
         embeds = []
         # Outside any caller's autocast: the embeddings are cached and reused, so compute them once at full precision.
@@ -498,8 +505,8 @@ class DeCLIPSegmenter(nn.Module):
                     prompts[start : start + batch_size], padding=True, truncation=True, return_tensors="pt"
                 ).to(text_device)
                 embeds.append(F.normalize(self.text_model(**tokens).text_embeds.float(), dim=-1).cpu())
-        per_template = torch.cat(embeds).view(len(names), len(self.templates), -1)
-        return list(F.normalize(per_template.mean(dim=1), dim=-1))
+        per_prompt = torch.cat(embeds).split([len(prompt_set) for prompt_set in prompt_sets])
+        return F.normalize(torch.stack([set_embeds.mean(dim=0) for set_embeds in per_prompt]), dim=-1)
 
     @torch.no_grad()
     def forward(

@@ -13,7 +13,13 @@ from datasets import Dataset, Features, Image as ImageFeature, List, Value
 from PIL import Image
 
 from declip_hf.benchmarks import SEGMENTATION_BENCHMARKS, SegmentationBenchmark, get_segmentation_benchmark
-from declip_hf.evaluate import ConfusionMatrix, main, panoptic_regions, prepare_label
+from declip_hf.evaluate import ConfusionMatrix, main, prepare_label
+from declip_hf.region_protocols import AreaWeightedRegionProtocol
+
+
+def panoptic_regions(panoptic, segments, category_to_class, skipped):
+    """The "area_weighted" protocol's regions (the only protocol before issue 11)."""
+    return AreaWeightedRegionProtocol().regions(panoptic, segments, category_to_class, None, None, skipped)
 from declip_hf.segmentation import DeCLIPSegmenter, split_class_names
 from tests.test_segmentation import expect_cli_error
 
@@ -304,7 +310,7 @@ def test_region_classification_end_to_end(tmp_path, tiny_clip_dir):
     Dataset.from_dict(data, features=features).to_parquet(data_file)
     spec_path = tmp_path / "regions.yaml"
     spec = {"name": "toy_regions", "path": "parquet", "data_files": {"validation": str(data_file)},
-            "categories": REGION_CATEGORIES, "image_size": 32}
+            "categories": REGION_CATEGORIES, "image_size": 32, "protocol": "area_weighted"}
     spec_path.write_text(yaml.safe_dump(spec))
     output = tmp_path / "results.json"
     main(["--model", str(tiny_clip_dir), "--benchmarks", "", "--region-benchmark", str(spec_path),
