@@ -16,7 +16,7 @@ their column names and label encodings must be checked before quoting numbers. O
 `--dataset NAME=ID_OR_PATH` or write a YAML spec.
 """
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -183,6 +183,19 @@ class _YamlSpec:
         return asdict(self)
 
 
+def _check_post_processing(area_threshold, pamr_steps, background_threshold) -> None:
+    if area_threshold is not None:
+        if background_threshold is None:
+            raise ValueError("area_threshold moves pixels to the background class, so it needs a background class: "
+                             "set background_threshold too, or drop area_threshold.")
+        if isinstance(area_threshold, bool) or not isinstance(area_threshold, (int, float)) or not (
+            0 <= area_threshold <= 1
+        ):
+            raise ValueError(f"area_threshold must lie in [0, 1] (or be unset), got {area_threshold!r}.")
+    if isinstance(pamr_steps, bool) or not isinstance(pamr_steps, int) or pamr_steps < 0:
+        raise ValueError(f"pamr_steps must be a non-negative integer (0: off), got {pamr_steps!r}.")
+
+
 @dataclass
 class SegmentationBenchmark(_YamlSpec):
     r"""
@@ -210,6 +223,12 @@ class SegmentationBenchmark(_YamlSpec):
             Test-time resize, mmseg's `Resize(scale=(max_longer_side, shorter_side), keep_ratio=True)`.
         window (`int`, *optional*, defaults to 336), stride (`int`, *optional*, defaults to 112): Sliding window.
         logit_scale (`float`, *optional*, defaults to 40.0): Multiplies the cosine similarities before softmax.
+        area_threshold (`float`, *optional*): SCLIP's `area_thd`: a non-background class predicted on at most this
+            share of the non-background pixels of an image is removed before the argmax. `None`: off.
+        pamr_steps (`int`, *optional*, defaults to 0): Iterations of NACLIP's PAMR refinement of the similarity
+            maps (dilations 8 and 16); 0: off.
+        protocol (`str`, *optional*, defaults to `"custom"`): The `declip_hf.protocols` preset whose settings the
+            spec holds (set by `SegmentationProtocol.apply`); recorded with the results.
     """
 
     name: str
@@ -230,6 +249,9 @@ class SegmentationBenchmark(_YamlSpec):
     stride: int = 112
     logit_scale: float = 40.0
     allow_shared_names: bool = False
+    area_threshold: float | None = None
+    pamr_steps: int = 0
+    protocol: str = "custom"
 
     def __post_init__(self):
         # Checked when the spec is built, so a bad YAML spec fails before any model loads.
@@ -239,6 +261,7 @@ class SegmentationBenchmark(_YamlSpec):
                 self.shorter_side, self.max_longer_side, self.window, self.stride, self.logit_scale,
                 self.background_threshold,
             )
+            _check_post_processing(self.area_threshold, self.pamr_steps, self.background_threshold)
         except ValueError as error:
             raise ValueError(f"Benchmark spec {self.name!r}: {error}") from None
 
@@ -252,7 +275,8 @@ class SegmentationBenchmark(_YamlSpec):
 
     def settings(self) -> dict:
         """The protocol settings recorded next to the numbers in the results file."""
-        keys = ("shorter_side", "max_longer_side", "window", "stride", "logit_scale", "background_threshold")
+        keys = ("protocol", "shorter_side", "max_longer_side", "window", "stride", "logit_scale",
+                "background_threshold", "area_threshold", "pamr_steps")
         keys += ("reduce_zero_label", "ignore_index", "path", "config_name", "split")
         return {key: getattr(self, key) for key in keys}
 
@@ -342,6 +366,9 @@ SEGMENTATION_BENCHMARKS = {
         label_column="annotation", reduce_zero_label=True,
     ),
 }
+
+# The built-in specs hold DeCLIP's settings, i.e. the "declip" preset of declip_hf.protocols (tests check they agree).
+SEGMENTATION_BENCHMARKS = {name: replace(spec, protocol="declip") for name, spec in SEGMENTATION_BENCHMARKS.items()}
 
 REGION_BENCHMARKS = {
     # COCO panoptic val2017 (5k images). Hub id UNVERIFIED.

@@ -17,6 +17,7 @@ problems are found before the model loads, and a checkpoint lacking weights (or 
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -42,7 +43,9 @@ from .benchmarks import (
     get_region_benchmark,
     get_segmentation_benchmark,
 )
+from .pamr import PAMR
 from .preprocessing import letterbox
+from .protocols import DEFAULT_PROTOCOL, PAMR_STEPS, PROTOCOLS, get_protocol
 from .region_pooling import pool_boxes, pool_masks
 from .region_protocols import ImageRegions, get_region_protocol
 from .cli import add_model_arguments, check_model_arguments, exits_on_user_error, load_segmenter, make_parser
@@ -50,7 +53,6 @@ from .segmentation import ClassEmbeddings, DeCLIPSegmenter, image_to_tensor, req
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = "DeCLIP training-free segmentation (docs/method.md §6)"
 
 PRECISIONS = {
     "fp32": lambda device_type: contextlib.nullcontext(),
@@ -217,6 +219,7 @@ def evaluate_segmentation(
     dataset = load_split(spec.path, spec.config_name, spec.split, spec.data_files, columns)
     classes = segmenter.encode_classes(spec.class_names, allow_shared_names=spec.allow_shared_names)
     matrix = ConfusionMatrix(spec.num_classes, spec.ignore_index)
+    refine = PAMR(spec.pamr_steps) if spec.pamr_steps else None
     skipped, num_images = Counter(), 0
     total = min(filter(None, (_split_size(dataset), max_images)), default=None)
     for index, sample in enumerate(tqdm(islice(dataset, max_images), total=total, desc=spec.name)):
@@ -234,6 +237,7 @@ def evaluate_segmentation(
             [image.convert("RGB")], classes, shorter_side=spec.shorter_side, max_longer_side=spec.max_longer_side,
             window=spec.window, stride=spec.stride, logit_scale=spec.logit_scale,
             background_threshold=spec.background_threshold, windows_per_batch=windows_per_batch,
+            area_threshold=spec.area_threshold, refine=refine,
         ).label_maps[0]
         matrix.update(prediction, label)
         num_images += 1
@@ -382,6 +386,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Replace a benchmark's split. Repeatable.")
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                         help="Autocast precision of the forward passes.")
+    parser.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),
+                        help="Per-benchmark settings of the built-in segmentation benchmarks, as the named project "
+                        "evaluates (docs/method.md §6 and the README list the published table each is comparable "
+                        "with); YAML specs keep their own settings.")
+    parser.add_argument("--pamr", action="store_true",
+                        help="Refine the similarity maps with PAMR as NACLIP does (10 steps, dilations 8 and 16) "
+                        "on every segmentation benchmark; off by default.")
     return parser.parse_args(argv)
 
 
@@ -421,6 +432,19 @@ def _specs(names: str, resolve) -> list:
     return [resolve(name.strip()) for name in names.split(",") if name.strip()]
 
 
+def build_segmentation_specs(names: str, protocol_name: str, pamr: bool) -> list[SegmentationBenchmark]:
+    """The specs named in `names`: built-in ones under the protocol's settings, YAML ones as written (with PAMR
+    switched on when asked)."""
+    protocol = get_protocol(protocol_name)
+    specs = []
+    for spec in _specs(names, get_segmentation_benchmark):
+        if spec.name in SEGMENTATION_BENCHMARKS and spec.protocol != "custom":
+            specs.append(protocol.apply(spec, pamr=pamr))
+        else:
+            specs.append(dataclasses.replace(spec, pamr_steps=PAMR_STEPS) if pamr else spec)
+    return specs
+
+
 def write_results(results: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(results, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
@@ -439,7 +463,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_arguments(args)
-    segmentation_specs = _specs(args.benchmarks, get_segmentation_benchmark)
+    protocol = get_protocol(args.protocol)
+    segmentation_specs = build_segmentation_specs(args.benchmarks, args.protocol, args.pamr)
     region_specs = _specs(args.region_benchmark, get_region_benchmark)
     if not segmentation_specs and not region_specs:
         raise ValueError("Nothing to evaluate: --benchmarks and --region-benchmark are both empty.")
@@ -448,8 +473,8 @@ def main(argv=None) -> dict:
     segmenter = load_segmenter(args)
     precision = PRECISIONS[args.precision]
     device_type = torch.device(args.device).type
-    results = {"model": args.model, "protocol": PROTOCOL, "benchmarks": {}, "region_classification": {},
-               "versions": collect_versions()}
+    results = {"model": args.model, "protocol": protocol.describe(args.pamr), "benchmarks": {},
+               "region_classification": {}, "versions": collect_versions()}
     # Recorded with every number: max_images so a smoke test is never mistaken for the full split.
     run_settings = {"precision": args.precision, "max_images": args.max_images,
                     "decoupled_attention": segmenter.vision_model.config.decoupled_attention}

@@ -203,7 +203,9 @@ def test_evaluation_command_end_to_end(tmp_path, tiny_clip_dir):
     results = json.loads(output.read_text())
 
     assert results["model"] == str(tiny_clip_dir)
-    assert results["protocol"] == "DeCLIP training-free segmentation (docs/method.md §6)"
+    # Issue 11: the protocol's name leads the description (was "DeCLIP training-free segmentation (...)").
+    assert results["protocol"].startswith("declip: comparable with DeCLIP (CVPR 2025)")
+    assert "docs/method.md §6" in results["protocol"]
     assert set(results["versions"]) >= {"torch", "transformers", "datasets", "declip_hf"}
     toy = results["benchmarks"]["toy"]
     assert toy["num_images"] == 2 and toy["skipped"] == {"size_mismatch": 1}  # the third label is 21x28
