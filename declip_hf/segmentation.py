@@ -382,6 +382,12 @@ def _load_text_tower(name_or_path: str, hub_kwargs: dict) -> tuple[CLIPTextModel
     return text_model.eval(), tokenizer
 
 
+def load_text_tower(name_or_path: str, **hub_kwargs) -> tuple[CLIPTextModelWithProjection, object]:
+    """The CLIP text tower and tokenizer of a checkpoint (its `text_encoder/` subfolder, else its root), checked as
+    `DeCLIPSegmenter.from_pretrained` checks them; e.g. to build a segmenter around a vision model in training."""
+    return _load_text_tower(str(name_or_path), hub_kwargs)
+
+
 def _check_towers_match(vision_model: DeCLIPVisionModel, text_model: CLIPTextModelWithProjection) -> None:
     vision_dim, text_dim = vision_model.config.projection_dim, text_model.config.projection_dim
     if vision_dim != text_dim:
