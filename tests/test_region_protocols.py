@@ -241,3 +241,34 @@ def test_coco_object_labels_follow_the_reference_converter():
     label = prepare_label(Image.fromarray(np.array(stuff_labels, dtype=np.uint8)), stuff_spec, 0)
     assert label.tolist() == [[1, 80, 0], [0, 0, 57]]
     assert (label != 255).all()
+
+
+def test_empty_grid_mask_pools_to_zero_and_accuracy_is_half_rounded(tiny_clip_dir):
+    from declip_hf.evaluate import _region_accuracies, classify_regions
+    from declip_hf.region_protocols import AreaWeightedRegionProtocol, ImageRegions
+
+    segmenter = DeCLIPSegmenter.from_pretrained(tiny_clip_dir)
+    classes = segmenter.encode_classes(["cat", "dog", "sky"])
+    masks = torch.zeros(2, 7, 7)
+    masks[1, 2:4, 2:4] = 1  # the first mask vanished on the grid
+    regions = ImageRegions(torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.6, 0.6]]), masks, torch.tensor([2, 1]))
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (28, 28, 3), dtype=np.uint8))
+    from declip_hf.evaluate import _pool_masks_allowing_empty, padded_square_view
+    from declip_hf.region_pooling import pool_masks
+
+    with torch.no_grad():
+        dense = segmenter.vision_model.get_dense_features(padded_square_view(image, 28, segmenter)).dense_embeds
+    pooled = _pool_masks_allowing_empty(dense, masks)
+    assert torch.equal(pooled[0], torch.zeros_like(pooled[0]))  # sum(m f) / (sum(m) + 1e-12) of an empty mask
+    torch.testing.assert_close(pooled[1:], pool_masks(dense, [masks[1:]]))
+    # All its scores tie at 0, so the first class is predicted whatever the embeddings.
+    classes.name_embeds[0] = -classes.name_embeds[0]
+    assert classify_regions(segmenter, image, regions, classes, 28)["mask"][0] == 0
+
+    # Per-class accuracy 1/3 goes through float16 under the authors' protocol (their `_macc`), not otherwise.
+    correct, total = {"box": torch.tensor([1.0, 0.0])}, torch.tensor([3.0, 0.0])
+    is_thing = torch.tensor([True, False])
+    authors = _region_accuracies(correct, total, is_thing, AuthorsRegionProtocol())["box"]
+    exact = _region_accuracies(correct, total, is_thing, AreaWeightedRegionProtocol())["box"]
+    assert authors["thing_mAcc"] == round(float(torch.tensor(1 / 3).half()) * 100, 4) != exact["thing_mAcc"]
+    assert exact["thing_mAcc"] == round(100 / 3, 4) and authors["stuff_mAcc"] is None
