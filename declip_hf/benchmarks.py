@@ -143,7 +143,8 @@ COCO_PANOPTIC_CATEGORIES = tuple(
     {"id": category_id, "name": names.split(";")[0], "isthing": True, "synonyms": names}
     for category_id, names in zip(COCO_PANOPTIC_THING_IDS, COCO_OBJECT_CLASSES[1:])
 ) + tuple(
-    {"id": category_id, "name": raw, "isthing": False, "synonyms": clean} for category_id, raw, clean in COCO_PANOPTIC_STUFF
+    {"id": category_id, "name": raw, "isthing": False, "synonyms": clean}
+    for category_id, raw, clean in COCO_PANOPTIC_STUFF
 )
 
 # COCO-Object labels as the reference converter (GroupViT's, copied by SCLIP: `cvt_coco_object.py`) makes them

@@ -58,7 +58,8 @@ def test_eval_every_in_the_tiny_default_run_keeps_the_best(tmp_path, monkeypatch
     summary = _run_in_process([
         "--config", REPO_ROOT / "configs" / "tiny.yaml", "--report_to", "none", "--max_steps", 6,
         "--warmup_steps", 1, "--checkpointing_steps", 3, "--checkpoints_total_limit", 2, "--eval_every", 3,
-        "--eval_benchmarks", segmentation, "--eval_region_benchmarks", regions, "--eval_max_images", 2, "--eval_keep_best", "toy/mIoU"])
+        "--eval_benchmarks", segmentation, "--eval_region_benchmarks", regions, "--eval_max_images", 2,
+        "--eval_keep_best", "toy/mIoU"])
     assert summary["finished"]
     run_dir = tmp_path / "outputs" / "tiny"
     evals = _events(run_dir, "eval")
