@@ -3,6 +3,10 @@ docs/method.md §6) and region classification (box and mask) on COCO-panoptic-st
 
     python -m declip_hf.evaluate --model PATH_OR_ID --benchmarks voc21,context60 --output results.json
 
+`--protocol declip|sclip|naclip|clearclip|proxyclip` gives the built-in benchmarks one project's published settings
+(docs/method.md §6.7; `--pamr` adds NACLIP's refinement); region classification follows the DeCLIP authors' protocol
+unless a spec says `protocol: area_weighted` (docs/method.md §6.6).
+
 Bad input never turns into a silently wrong number:
 - a label value outside the class list (other than the ignore index), or a segment with an unknown category:
   error, naming the sample (the spec's class list or label mapping is wrong, so every number would be);
