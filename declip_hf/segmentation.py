@@ -384,8 +384,13 @@ def _load_text_tower(name_or_path: str, hub_kwargs: dict) -> tuple[CLIPTextModel
 
 def load_text_tower(name_or_path: str, **hub_kwargs) -> tuple[CLIPTextModelWithProjection, object]:
     """The CLIP text tower and tokenizer of a checkpoint (its `text_encoder/` subfolder, else its root), checked as
-    `DeCLIPSegmenter.from_pretrained` checks them; e.g. to build a segmenter around a vision model in training."""
+    `DeCLIPSegmenter.from_pretrained` checks them; e.g. to build a segmenter around a vision model in training.
+    `text_tower_subfolder(name_or_path)` finds the tower without loading it (a ValueError naming the fix if none)."""
     return _load_text_tower(str(name_or_path), hub_kwargs)
+
+
+def text_tower_subfolder(name_or_path: str, **hub_kwargs) -> str:
+    return _text_tower_subfolder(str(name_or_path), hub_kwargs)
 
 
 def _check_towers_match(vision_model: DeCLIPVisionModel, text_model: CLIPTextModelWithProjection) -> None:

@@ -106,13 +106,14 @@ def test_eval_records_survive_a_resume_from_their_step():
         (["--eval_every", 0, "--eval_benchmarks", "voc21"], "must be positive integers"),
         (["--eval_every", 2, "--eval_benchmarks", "nowhere.yaml"], "Evaluation during training"),
         (["--eval_every", 2, "--eval_benchmarks", "SEG", "--eval_keep_best", "toy/IoU"], "not a metric"),
+        (["--eval_every", 2, "--eval_benchmarks", "SEG", "--eval_text_model", "DINO"], "holds no CLIP text tower"),
     ],
 )
 def test_bad_eval_flags_fail_at_start(extra, message, eval_specs, tiny_clip_dir, tiny_dinov2_dir, tmp_path,
                                       capsys):
     images = tmp_path / "images"
     write_image_shards(images, num_images=4, num_shards=1)
-    extra = [str(eval_specs[0]) if value == "SEG" else value for value in extra]
+    extra = [{"SEG": str(eval_specs[0]), "DINO": str(tiny_dinov2_dir)}.get(value, value) for value in extra]
     with pytest.raises(SystemExit) as exit_info:
         _run_in_process(_base_argv(tiny_clip_dir, tiny_dinov2_dir, images, tmp_path / "run")
                         + ["--max_steps", 2, *extra])

@@ -24,7 +24,7 @@ from accelerate.utils import broadcast
 from declip_hf.benchmarks import get_region_benchmark, get_segmentation_benchmark
 from declip_hf.evaluate import evaluate_regions, evaluate_segmentation, load_split
 from declip_hf.loading_utils import image_normalisation, quiet_transformers
-from declip_hf.segmentation import DeCLIPSegmenter, load_text_tower
+from declip_hf.segmentation import DeCLIPSegmenter, load_text_tower, text_tower_subfolder
 from training.export import save_model
 
 EVAL_EVENT = "eval"
@@ -73,6 +73,7 @@ def evaluation_specs(args: argparse.Namespace) -> tuple[list, list]:
     try:
         specs = [get_segmentation_benchmark(name) for name in segmentation], [get_region_benchmark(n) for n in regions]
         _check_keep_best(args.eval_keep_best, *specs)
+        text_tower_subfolder(args.eval_text_model or args.student)  # e.g. a vision-only student needs the flag
         for spec in specs[0]:
             load_split(spec.path, spec.config_name, spec.split, spec.data_files, (spec.image_column, spec.label_column))
         for spec in specs[1]:
@@ -113,7 +114,7 @@ class TrainingEvaluator:
         self.segmentation_specs, self.region_specs = specs
         self.best_dir = Path(run_dir) / BEST_MODEL_DIR
         self.best = self._read_best() if resuming else None
-        self.segmenter = self._build_segmenter() if accelerator.is_main_process else None
+        self.segmenter = None  # built at the first evaluation, where a failure reaches every process
 
     @property
     def enabled(self) -> bool:
@@ -155,6 +156,8 @@ class TrainingEvaluator:
 
     def _evaluate_and_record(self, step: int, epoch: int, progress) -> None:
         started = time.monotonic()
+        if self.segmenter is None:
+            self.segmenter = self._build_segmenter()
         was_training = self.student.training
         self.student.eval()
         try:
