@@ -16,11 +16,12 @@ their column names and label encodings must be checked before quoting numbers. O
 `--dataset NAME=ID_OR_PATH` or write a YAML spec.
 """
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
+from .region_protocols import DEFAULT_REGION_PROTOCOL, check_region_categories
 from .segmentation import check_inference_settings, split_class_names
 
 IGNORE_INDEX = 255
@@ -111,29 +112,53 @@ ADE20K_CLASSES = (
 # are these (their train ids are the positions in CITYSCAPES_CLASSES), everything else is ignored.
 CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 
-# COCO panoptic categories (panopticapi's panoptic_coco_categories.json): 80 things then 53 stuff classes. Names
-# are written for the text encoder: panopticapi's "-merged", "-other" and "-stuff" suffixes dropped, dashes read
-# as spaces ("wall-brick" -> "wall brick").
+# COCO panoptic categories (panopticapi's panoptic_coco_categories.json): 80 things then 53 stuff classes, with
+# panopticapi's raw names (what the authors' region protocol embeds, dashes and all) and, for the "area_weighted"
+# protocol, names written for the text encoder ("-merged", "-other" and "-stuff" dropped, dashes read as spaces,
+# person with its synonyms).
 COCO_PANOPTIC_THING_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34, 35,
     36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64,
     65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
 )
-COCO_PANOPTIC_STUFF = (
-    (92, "banner"), (93, "blanket"), (95, "bridge"), (100, "cardboard"), (107, "counter"), (109, "curtain"),
-    (112, "door"), (118, "floor wood"), (119, "flower"), (122, "fruit"), (125, "gravel"), (128, "house"),
-    (130, "light"), (133, "mirror"), (138, "net"), (141, "pillow"), (144, "platform"), (145, "playingfield"),
-    (147, "railroad"), (148, "river"), (149, "road"), (151, "roof"), (154, "sand"), (155, "sea"), (156, "shelf"),
-    (159, "snow"), (161, "stairs"), (166, "tent"), (168, "towel"), (171, "wall brick"), (175, "wall stone"),
-    (176, "wall tile"), (177, "wall wood"), (178, "water"), (180, "window blind"), (181, "window"), (184, "tree"),
-    (185, "fence"), (186, "ceiling"), (187, "sky"), (188, "cabinet"), (189, "table"), (190, "floor"),
-    (191, "pavement"), (192, "mountain"), (193, "grass"), (194, "dirt"), (195, "paper"), (196, "food"),
-    (197, "building"), (198, "rock"), (199, "wall"), (200, "rug"),
+COCO_PANOPTIC_STUFF = (  # (id, raw panoptic name, cleaned name)
+    (92, "banner", "banner"), (93, "blanket", "blanket"), (95, "bridge", "bridge"), (100, "cardboard", "cardboard"),
+    (107, "counter", "counter"), (109, "curtain", "curtain"), (112, "door-stuff", "door"),
+    (118, "floor-wood", "floor wood"), (119, "flower", "flower"), (122, "fruit", "fruit"), (125, "gravel", "gravel"),
+    (128, "house", "house"), (130, "light", "light"), (133, "mirror-stuff", "mirror"), (138, "net", "net"),
+    (141, "pillow", "pillow"), (144, "platform", "platform"), (145, "playingfield", "playingfield"),
+    (147, "railroad", "railroad"), (148, "river", "river"), (149, "road", "road"), (151, "roof", "roof"),
+    (154, "sand", "sand"), (155, "sea", "sea"), (156, "shelf", "shelf"), (159, "snow", "snow"),
+    (161, "stairs", "stairs"), (166, "tent", "tent"), (168, "towel", "towel"), (171, "wall-brick", "wall brick"),
+    (175, "wall-stone", "wall stone"), (176, "wall-tile", "wall tile"), (177, "wall-wood", "wall wood"),
+    (178, "water-other", "water"), (180, "window-blind", "window blind"), (181, "window-other", "window"),
+    (184, "tree-merged", "tree"), (185, "fence-merged", "fence"), (186, "ceiling-merged", "ceiling"),
+    (187, "sky-other-merged", "sky"), (188, "cabinet-merged", "cabinet"), (189, "table-merged", "table"),
+    (190, "floor-other-merged", "floor"), (191, "pavement-merged", "pavement"), (192, "mountain-merged", "mountain"),
+    (193, "grass-merged", "grass"), (194, "dirt-merged", "dirt"), (195, "paper-merged", "paper"),
+    (196, "food-other-merged", "food"), (197, "building-other-merged", "building"), (198, "rock-merged", "rock"),
+    (199, "wall-other-merged", "wall"), (200, "rug-merged", "rug"),
 )
 COCO_PANOPTIC_CATEGORIES = tuple(
-    {"id": category_id, "name": name, "isthing": True}
-    for category_id, name in zip(COCO_PANOPTIC_THING_IDS, COCO_OBJECT_CLASSES[1:])
-) + tuple({"id": category_id, "name": name, "isthing": False} for category_id, name in COCO_PANOPTIC_STUFF)
+    {"id": category_id, "name": names.split(";")[0], "isthing": True, "synonyms": names}
+    for category_id, names in zip(COCO_PANOPTIC_THING_IDS, COCO_OBJECT_CLASSES[1:])
+) + tuple(
+    {"id": category_id, "name": raw, "isthing": False, "synonyms": clean}
+    for category_id, raw, clean in COCO_PANOPTIC_STUFF
+)
+
+# COCO-Object labels as the reference converter (GroupViT's, copied by SCLIP: `cvt_coco_object.py`) makes them
+# from COCO-Stuff 164k: the 80 things become 1-80 and every other pixel, stuff and unlabelled (255) alike, becomes
+# background 0, so no pixel is ignored. Keyed by the label values of the source files:
+COCO_OBJECT_LABEL_MAPS = {
+    # the converter's own output (`*_instanceTrainIds.png`, 0-80); a 255 (which the converter never writes) is
+    # unlabelled and so background, as the converter would have made it
+    "instance_train_ids": {**{value: value for value in range(81)}, IGNORE_INDEX: 0},
+    # mmseg's COCO-Stuff train ids (`*_labelTrainIds.png`: things 0-79, stuff 80-170, 255 unlabelled): the same
+    # conversion applied to them, so one COCO-Stuff copy serves both coco_stuff and coco_object
+    "stuff_train_ids": {**{value: value + 1 for value in range(80)}, **{value: 0 for value in range(80, 171)},
+                        IGNORE_INDEX: 0},
+}
 
 
 class _YamlSpec:
@@ -157,6 +182,19 @@ class _YamlSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_post_processing(area_threshold, pamr_steps, background_threshold) -> None:
+    if area_threshold is not None:
+        if background_threshold is None:
+            raise ValueError("area_threshold moves pixels to the background class, so it needs a background class: "
+                             "set background_threshold too, or drop area_threshold.")
+        if isinstance(area_threshold, bool) or not isinstance(area_threshold, (int, float)) or not (
+            0 <= area_threshold <= 1
+        ):
+            raise ValueError(f"area_threshold must lie in [0, 1] (or be unset), got {area_threshold!r}.")
+    if isinstance(pamr_steps, bool) or not isinstance(pamr_steps, int) or pamr_steps < 0:
+        raise ValueError(f"pamr_steps must be a non-negative integer (0: off), got {pamr_steps!r}.")
 
 
 @dataclass
@@ -186,6 +224,12 @@ class SegmentationBenchmark(_YamlSpec):
             Test-time resize, mmseg's `Resize(scale=(max_longer_side, shorter_side), keep_ratio=True)`.
         window (`int`, *optional*, defaults to 336), stride (`int`, *optional*, defaults to 112): Sliding window.
         logit_scale (`float`, *optional*, defaults to 40.0): Multiplies the cosine similarities before softmax.
+        area_threshold (`float`, *optional*): SCLIP's `area_thd`: a non-background class predicted on at most this
+            share of the non-background pixels of an image is removed before the argmax. `None`: off.
+        pamr_steps (`int`, *optional*, defaults to 0): Iterations of NACLIP's PAMR refinement of the similarity
+            maps (dilations 8 and 16); 0: off.
+        protocol (`str`, *optional*, defaults to `"custom"`): The `declip_hf.protocols` preset whose settings the
+            spec holds (set by `SegmentationProtocol.apply`); recorded with the results.
     """
 
     name: str
@@ -206,6 +250,9 @@ class SegmentationBenchmark(_YamlSpec):
     stride: int = 112
     logit_scale: float = 40.0
     allow_shared_names: bool = False
+    area_threshold: float | None = None
+    pamr_steps: int = 0
+    protocol: str = "custom"
 
     def __post_init__(self):
         # Checked when the spec is built, so a bad YAML spec fails before any model loads.
@@ -215,6 +262,7 @@ class SegmentationBenchmark(_YamlSpec):
                 self.shorter_side, self.max_longer_side, self.window, self.stride, self.logit_scale,
                 self.background_threshold,
             )
+            _check_post_processing(self.area_threshold, self.pamr_steps, self.background_threshold)
         except ValueError as error:
             raise ValueError(f"Benchmark spec {self.name!r}: {error}") from None
 
@@ -228,7 +276,8 @@ class SegmentationBenchmark(_YamlSpec):
 
     def settings(self) -> dict:
         """The protocol settings recorded next to the numbers in the results file."""
-        keys = ("shorter_side", "max_longer_side", "window", "stride", "logit_scale", "background_threshold")
+        keys = ("protocol", "shorter_side", "max_longer_side", "window", "stride", "logit_scale",
+                "background_threshold", "area_threshold", "pamr_steps")
         keys += ("reduce_zero_label", "ignore_index", "path", "config_name", "split")
         return {key: getattr(self, key) for key in keys}
 
@@ -249,6 +298,10 @@ class RegionBenchmark(_YamlSpec):
             (optionally `"iscrowd"`, `"isthing"`; `isthing` is otherwise read from `categories`).
         image_size (`int`, *optional*, defaults to 560): The longest side is resized to it and the image padded to
             a square, as in the student view of training (docs/method.md §3 and §7: 560 px for ViT-B/16).
+        protocol (`str`, *optional*, defaults to `"authors"`): `"authors"`, the DeCLIP authors' protocol (ViLD
+            prompts on the raw names, masks binarised on the feature grid, box-size filter, crowd kept), or
+            `"area_weighted"` (see `declip_hf.region_protocols`). Categories may carry `"synonyms"` ("a; b"), which
+            only `"area_weighted"` uses.
     """
 
     name: str
@@ -261,17 +314,19 @@ class RegionBenchmark(_YamlSpec):
     panoptic_column: str = "label"
     segments_column: str = "segments_info"
     image_size: int = 560
+    protocol: str = DEFAULT_REGION_PROTOCOL
 
     def __post_init__(self):
         try:
-            split_class_names([category["name"] for category in self.categories])
+            check_region_categories(self.categories, self.protocol)
             if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0:
                 raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}.")
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"Region benchmark spec {self.name!r}: {error}") from None
 
     def settings(self) -> dict:
-        return {"image_size": self.image_size, "path": self.path, "config_name": self.config_name, "split": self.split}
+        return {"protocol": self.protocol, "image_size": self.image_size, "path": self.path,
+                "config_name": self.config_name, "split": self.split}
 
 
 def _cityscapes_label_map() -> dict[int, int]:
@@ -287,9 +342,11 @@ SEGMENTATION_BENCHMARKS = {
     "context60": SegmentationBenchmark(
         "context60", "nateraw/pascal-context", list(CONTEXT60_CLASSES), background_threshold=0.15
     ),
-    # GroupViT/TCL's COCO-Object labels (`*_instanceTrainIds.png`): 0 background, 1-80 the things, 255 ignore.
+    # The reference converter's COCO-Object labels (`*_instanceTrainIds.png`, 0 background, 1-80 the things); no
+    # ignored pixel: 255 is background (COCO_OBJECT_LABEL_MAPS; "stuff_train_ids" there for COCO-Stuff labels).
     "coco_object": SegmentationBenchmark(
         "coco_object", "coco-object/val2017", list(COCO_OBJECT_CLASSES), background_threshold=0.2,
+        label_map=dict(COCO_OBJECT_LABEL_MAPS["instance_train_ids"]),
         # The published background words include "bed", which is also class 60: where "bed" wins, the tie goes to
         # the background (the argmax keeps class 0), so bed is never predicted. Kept as published, so that our
         # COCO-Object mIoU is comparable with the literature's tables (docs/method.md §6).
@@ -310,6 +367,9 @@ SEGMENTATION_BENCHMARKS = {
         label_column="annotation", reduce_zero_label=True,
     ),
 }
+
+# The built-in specs hold DeCLIP's settings, i.e. the "declip" preset of declip_hf.protocols (tests check they agree).
+SEGMENTATION_BENCHMARKS = {name: replace(spec, protocol="declip") for name, spec in SEGMENTATION_BENCHMARKS.items()}
 
 REGION_BENCHMARKS = {
     # COCO panoptic val2017 (5k images). Hub id UNVERIFIED.

@@ -3,6 +3,10 @@ docs/method.md §6) and region classification (box and mask) on COCO-panoptic-st
 
     python -m declip_hf.evaluate --model PATH_OR_ID --benchmarks voc21,context60 --output results.json
 
+`--protocol declip|sclip|naclip|clearclip|proxyclip` gives the built-in benchmarks one project's published settings
+(docs/method.md §6.7; `--pamr` adds NACLIP's refinement); region classification follows the DeCLIP authors' protocol
+unless a spec says `protocol: area_weighted` (docs/method.md §6.6).
+
 Bad input never turns into a silently wrong number:
 - a label value outside the class list (other than the ignore index), or a segment with an unknown category:
   error, naming the sample (the spec's class list or label mapping is wrong, so every number would be);
@@ -17,6 +21,7 @@ problems are found before the model loads, and a checkpoint lacking weights (or 
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -42,14 +47,16 @@ from .benchmarks import (
     get_region_benchmark,
     get_segmentation_benchmark,
 )
+from .pamr import PAMR
 from .preprocessing import letterbox
+from .protocols import DEFAULT_PROTOCOL, PAMR_STEPS, PROTOCOLS, get_protocol
 from .region_pooling import pool_boxes, pool_masks
+from .region_protocols import ImageRegions, get_region_protocol
 from .cli import add_model_arguments, check_model_arguments, exits_on_user_error, load_segmenter, make_parser
 from .segmentation import ClassEmbeddings, DeCLIPSegmenter, image_to_tensor, require_finite, split_class_names
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = "DeCLIP training-free segmentation (docs/method.md §6)"
 
 PRECISIONS = {
     "fp32": lambda device_type: contextlib.nullcontext(),
@@ -216,6 +223,7 @@ def evaluate_segmentation(
     dataset = load_split(spec.path, spec.config_name, spec.split, spec.data_files, columns)
     classes = segmenter.encode_classes(spec.class_names, allow_shared_names=spec.allow_shared_names)
     matrix = ConfusionMatrix(spec.num_classes, spec.ignore_index)
+    refine = PAMR(spec.pamr_steps) if spec.pamr_steps else None
     skipped, num_images = Counter(), 0
     total = min(filter(None, (_split_size(dataset), max_images)), default=None)
     for index, sample in enumerate(tqdm(islice(dataset, max_images), total=total, desc=spec.name)):
@@ -233,6 +241,7 @@ def evaluate_segmentation(
             [image.convert("RGB")], classes, shorter_side=spec.shorter_side, max_longer_side=spec.max_longer_side,
             window=spec.window, stride=spec.stride, logit_scale=spec.logit_scale,
             background_threshold=spec.background_threshold, windows_per_batch=windows_per_batch,
+            area_threshold=spec.area_threshold, refine=refine,
         ).label_maps[0]
         matrix.update(prediction, label)
         num_images += 1
@@ -255,48 +264,6 @@ def evaluate_segmentation(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ImageRegions:
-    boxes: torch.Tensor  # (K, 4) xyxy normalised in the padded square frame
-    masks: torch.Tensor  # (K, L, L) in the padded square frame, L = longest side in original pixels
-    class_indices: torch.Tensor  # (K,)
-
-
-def _segments_as_list(segments) -> list[dict]:
-    """`datasets` may hand a list of dicts or, for a `Sequence` of structs, a dict of lists."""
-    if isinstance(segments, dict):
-        keys = list(segments)
-        return [dict(zip(keys, values)) for values in zip(*(segments[key] for key in keys))]
-    return list(segments)
-
-
-def panoptic_regions(panoptic: Image.Image, segments, category_to_class: dict, skipped: Counter) -> ImageRegions:
-    """Boxes and masks of every non-crowd segment of a COCO panoptic PNG (segment id = R + 256 G + 256^2 B)."""
-    rgb = np.array(panoptic.convert("RGB")).astype(np.int64)
-    segment_ids = torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2])
-    height, width = segment_ids.shape
-    side = max(height, width)
-    boxes, masks, class_indices = [], [], []
-    for segment in _segments_as_list(segments):
-        if segment.get("iscrowd", 0):
-            skipped["crowd_regions"] += 1
-            continue
-        if segment["category_id"] not in category_to_class:
-            raise ValueError(f"Segment category id {segment['category_id']} is not among the spec's categories.")
-        mask = segment_ids == segment["id"]
-        rows, cols = torch.nonzero(mask, as_tuple=True)
-        if len(rows) == 0:
-            skipped["empty_regions"] += 1
-            continue
-        boxes.append(torch.stack([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]).float() / side)
-        # Padding right and bottom puts the mask in the square frame of the padded input.
-        masks.append(torch.nn.functional.pad(mask.float(), (0, side - width, 0, side - height)))
-        class_indices.append(category_to_class[segment["category_id"]])
-    if not boxes:
-        return ImageRegions(torch.zeros(0, 4), torch.zeros(0, side, side), torch.zeros(0, dtype=torch.long))
-    return ImageRegions(torch.stack(boxes), torch.stack(masks), torch.tensor(class_indices))
-
-
 def padded_square_view(image: Image.Image, size: int, segmenter: DeCLIPSegmenter) -> torch.Tensor:
     """The student view of training (docs/method.md §3): longest side to `size` (bicubic), black padding
     right and bottom to a square, then normalised. (1, 3, size, size)."""
@@ -305,18 +272,15 @@ def padded_square_view(image: Image.Image, size: int, segmenter: DeCLIPSegmenter
     return ((pixels - segmenter.image_mean) / segmenter.image_std)[None]
 
 
-def _mean_class_accuracy(correct: torch.Tensor, total: torch.Tensor, selected: torch.Tensor) -> float | None:
-    present = selected & (total > 0)
-    if not present.any():
-        return None
-    return round((correct[present] / total[present]).mean().item() * 100, 4)
-
-
-def _thing_and_stuff_accuracy(correct: torch.Tensor, total: torch.Tensor, is_thing: torch.Tensor) -> dict:
-    return {
-        "thing_mAcc": _mean_class_accuracy(correct, total, is_thing),
-        "stuff_mAcc": _mean_class_accuracy(correct, total, ~is_thing),
-    }
+def _pool_masks_allowing_empty(dense_embeds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mask-pooled features (K, D); a mask left empty on the feature grid (the authors' binarisation can erase a
+    small segment) gets the zero vector, as their `sum(m * f) / (sum(m) + 1e-12)` gives: all its scores are equal
+    and the first class wins the argmax."""
+    selects = masks.flatten(1).sum(dim=1) > 0
+    embeds = dense_embeds.new_zeros((len(masks), dense_embeds.shape[1]))
+    if selects.any():
+        embeds[selects.to(embeds.device)] = pool_masks(dense_embeds, [masks[selects].to(dense_embeds.device)])
+    return embeds
 
 
 def classify_regions(
@@ -328,10 +292,8 @@ def classify_regions(
         # One dense map serves both poolings (what get_region_features and get_mask_features each compute).
         pixels = padded_square_view(image, image_size, segmenter)
         dense_embeds = segmenter.vision_model.get_dense_features(pixels).dense_embeds.float()
-        pooled = {
-            "box": pool_boxes(dense_embeds, [regions.boxes]),
-            "mask": pool_masks(dense_embeds, [regions.masks.to(segmenter.device)]),
-        }
+        pooled = {"box": pool_boxes(dense_embeds, [regions.boxes]),
+                  "mask": _pool_masks_allowing_empty(dense_embeds, regions.masks)}
     predictions = {}
     for kind, embeds in pooled.items():
         scores = require_finite(embeds @ classes.name_embeds.T, f"The {kind}-pooled region scores")  # (K, names)
@@ -339,17 +301,43 @@ def classify_regions(
     return predictions
 
 
+def _feature_grid_size(segmenter: DeCLIPSegmenter, spec: RegionBenchmark) -> int:
+    patch_size = segmenter.vision_model.patch_size
+    if spec.image_size % patch_size:
+        raise ValueError(f"{spec.name}: image_size {spec.image_size} is not a multiple of the patch size "
+                         f"{patch_size}; use e.g. {spec.image_size // patch_size * patch_size}.")
+    return spec.image_size // patch_size
+
+
+def _region_accuracies(correct: dict, total: torch.Tensor, is_thing: torch.Tensor, protocol) -> dict:
+    """thing / stuff mAcc per pooling kind: the mean over classes with regions of the protocol-rounded accuracy."""
+    results = {}
+    for kind, kind_correct in correct.items():
+        per_class = protocol.round_accuracy(kind_correct / total.clamp(min=1))
+        results[kind] = {"thing_mAcc": _mean_over_present(per_class, total, is_thing),
+                         "stuff_mAcc": _mean_over_present(per_class, total, ~is_thing)}
+    return results
+
+
+def _mean_over_present(per_class: torch.Tensor, total: torch.Tensor, selected: torch.Tensor) -> float | None:
+    present = selected & (total > 0)
+    return round(per_class[present].mean().item() * 100, 4) if present.any() else None
+
+
 def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_images=None) -> dict:
-    """Top-1 mean class accuracy of box (RoIAlign) and mask-pooled features, for things and stuff separately."""
+    """Top-1 mean class accuracy of box (RoIAlign) and mask-pooled features, for things and stuff separately, under
+    the spec's region protocol (`declip_hf.region_protocols`)."""
+    protocol = get_region_protocol(spec.protocol)
     dataset = load_split(
         spec.path, spec.config_name, spec.split, spec.data_files,
         (spec.image_column, spec.panoptic_column, spec.segments_column),
     )
-    classes = segmenter.encode_classes([category["name"] for category in spec.categories])
+    classes = protocol.class_embeddings(segmenter, spec.categories)
     # Names on the device for the matmul; name_to_class stays on the CPU (no device sync in max_over_names).
     classes = ClassEmbeddings(name_embeds=classes.name_embeds.to(segmenter.device), name_to_class=classes.name_to_class)
     category_to_class = {category["id"]: index for index, category in enumerate(spec.categories)}
     is_thing = torch.tensor([bool(category["isthing"]) for category in spec.categories])
+    grid_size = _feature_grid_size(segmenter, spec)
     total = torch.zeros(len(spec.categories))
     correct = {"box": torch.zeros(len(spec.categories)), "mask": torch.zeros(len(spec.categories))}
     skipped, num_images = Counter(), 0
@@ -361,7 +349,8 @@ def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_imag
         if panoptic.size != image.size:
             skipped["size_mismatch"] += 1
             continue
-        regions = panoptic_regions(panoptic, sample[spec.segments_column], category_to_class, skipped)
+        regions = protocol.regions(panoptic, sample[spec.segments_column], category_to_class, is_thing, grid_size,
+                                   skipped)
         if len(regions.class_indices) == 0:
             skipped["no_regions"] += 1
             continue
@@ -372,9 +361,8 @@ def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_imag
         num_images += 1
     if num_images == 0:
         raise ValueError(f"{spec.name}: no usable sample in {spec.path} ({spec.split}); skipped: {dict(skipped)}.")
-    accuracies = {kind: _thing_and_stuff_accuracy(correct[kind], total, is_thing) for kind in correct}
-    return {**accuracies, "num_regions": int(total.sum()), "num_images": num_images, "skipped": dict(skipped),
-            "settings": spec.settings()}
+    return {**_region_accuracies(correct, total, is_thing, protocol), "num_regions": int(total.sum()),
+            "num_images": num_images, "skipped": dict(skipped), "settings": spec.settings()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -402,6 +390,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Replace a benchmark's split. Repeatable.")
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                         help="Autocast precision of the forward passes.")
+    parser.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),
+                        help="Per-benchmark settings of the built-in segmentation benchmarks, as the named project "
+                        "evaluates (docs/method.md §6 and the README list the published table each is comparable "
+                        "with); YAML specs keep their own settings.")
+    parser.add_argument("--pamr", action="store_true",
+                        help="Refine the similarity maps with PAMR as NACLIP does (10 steps, dilations 8 and 16) "
+                        "on every segmentation benchmark; off by default.")
     return parser.parse_args(argv)
 
 
@@ -441,6 +436,19 @@ def _specs(names: str, resolve) -> list:
     return [resolve(name.strip()) for name in names.split(",") if name.strip()]
 
 
+def build_segmentation_specs(names: str, protocol_name: str, pamr: bool) -> list[SegmentationBenchmark]:
+    """The specs named in `names`: built-in ones under the protocol's settings, YAML ones as written (with PAMR
+    switched on when asked)."""
+    protocol = get_protocol(protocol_name)
+    specs = []
+    for spec in _specs(names, get_segmentation_benchmark):
+        if spec.name in SEGMENTATION_BENCHMARKS and spec.protocol != "custom":
+            specs.append(protocol.apply(spec, pamr=pamr))
+        else:
+            specs.append(dataclasses.replace(spec, pamr_steps=PAMR_STEPS) if pamr else spec)
+    return specs
+
+
 def write_results(results: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(results, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
@@ -459,7 +467,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_arguments(args)
-    segmentation_specs = _specs(args.benchmarks, get_segmentation_benchmark)
+    protocol = get_protocol(args.protocol)
+    segmentation_specs = build_segmentation_specs(args.benchmarks, args.protocol, args.pamr)
     region_specs = _specs(args.region_benchmark, get_region_benchmark)
     if not segmentation_specs and not region_specs:
         raise ValueError("Nothing to evaluate: --benchmarks and --region-benchmark are both empty.")
@@ -468,8 +477,8 @@ def main(argv=None) -> dict:
     segmenter = load_segmenter(args)
     precision = PRECISIONS[args.precision]
     device_type = torch.device(args.device).type
-    results = {"model": args.model, "protocol": PROTOCOL, "benchmarks": {}, "region_classification": {},
-               "versions": collect_versions()}
+    results = {"model": args.model, "protocol": protocol.describe(args.pamr), "benchmarks": {},
+               "region_classification": {}, "versions": collect_versions()}
     # Recorded with every number: max_images so a smoke test is never mistaken for the full split.
     run_settings = {"precision": args.precision, "max_images": args.max_images,
                     "decoupled_attention": segmenter.vision_model.config.decoupled_attention}

@@ -382,6 +382,17 @@ def _load_text_tower(name_or_path: str, hub_kwargs: dict) -> tuple[CLIPTextModel
     return text_model.eval(), tokenizer
 
 
+def load_text_tower(name_or_path: str, **hub_kwargs) -> tuple[CLIPTextModelWithProjection, object]:
+    """The CLIP text tower and tokenizer of a checkpoint (its `text_encoder/` subfolder, else its root), checked as
+    `DeCLIPSegmenter.from_pretrained` checks them; e.g. to build a segmenter around a vision model in training.
+    `text_tower_subfolder(name_or_path)` finds the tower without loading it (a ValueError naming the fix if none)."""
+    return _load_text_tower(str(name_or_path), hub_kwargs)
+
+
+def text_tower_subfolder(name_or_path: str, **hub_kwargs) -> str:
+    return _text_tower_subfolder(str(name_or_path), hub_kwargs)
+
+
 def _check_towers_match(vision_model: DeCLIPVisionModel, text_model: CLIPTextModelWithProjection) -> None:
     vision_dim, text_dim = vision_model.config.projection_dim, text_model.config.projection_dim
     if vision_dim != text_dim:
@@ -486,9 +497,16 @@ class DeCLIPSegmenter(nn.Module):
         )
 
     def _embed_names(self, names: list[str], batch_size: int) -> list[torch.Tensor]:
-        if not names:
-            return []
-        prompts = [template.format(name) for name in names for template in self.templates]
+        prompt_sets = [[template.format(name) for template in self.templates] for name in names]
+        return list(self.embed_prompt_ensembles(prompt_sets, batch_size))
+
+    @torch.no_grad()
+    def embed_prompt_ensembles(self, prompt_sets: Sequence[Sequence[str]], batch_size: int = 256) -> torch.Tensor:
+        """(len(prompt_sets), projection_dim) on the CPU: per set, normalise(mean of its normalised prompt
+        embeddings). Sets may differ in length (e.g. ViLD prompts whose article depends on the name)."""
+        if not prompt_sets:
+            return torch.zeros(0, self.text_model.config.projection_dim)
+        prompts = [prompt for prompt_set in prompt_sets for prompt in prompt_set]
         text_device = next(self.text_model.parameters()).device
         embeds = []
         # Outside any caller's autocast: the embeddings are cached and reused, so compute them once at full precision.
@@ -498,8 +516,8 @@ class DeCLIPSegmenter(nn.Module):
                     prompts[start : start + batch_size], padding=True, truncation=True, return_tensors="pt"
                 ).to(text_device)
                 embeds.append(F.normalize(self.text_model(**tokens).text_embeds.float(), dim=-1).cpu())
-        per_template = torch.cat(embeds).view(len(names), len(self.templates), -1)
-        return list(F.normalize(per_template.mean(dim=1), dim=-1))
+        per_prompt = torch.cat(embeds).split([len(prompt_set) for prompt_set in prompt_sets])
+        return F.normalize(torch.stack([set_embeds.mean(dim=0) for set_embeds in per_prompt]), dim=-1)
 
     @torch.no_grad()
     def forward(
@@ -514,6 +532,8 @@ class DeCLIPSegmenter(nn.Module):
         background_threshold: float | None = None,
         return_probabilities: bool = False,
         windows_per_batch: int = 16,
+        area_threshold: float | None = None,
+        refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> DeCLIPSegmentationOutput:
         """Segment `images` (any sizes) into `class_names`; images of the same size are batched together.
 
@@ -531,6 +551,11 @@ class DeCLIPSegmenter(nn.Module):
             logit_scale: multiplies the cosine similarities before the softmax over names; finite and positive.
             background_threshold: if set (in [0, 1]), pixels whose highest class probability is below it get class
                 0 (use it when class 0 is a background class).
+            area_threshold: SCLIP's `area_thd` (with a background class): before the argmax, every non-background
+                class predicted on at most this share of the image's non-background pixels is removed.
+            refine: optional `refine(image, similarities)` applied to the similarity maps at the original size
+                before the logit scale, e.g. `declip_hf.pamr.PAMR()`; gets the normalised resized image brought
+                back to the original size (1, 3, H, W) and the maps (1, num_names, H, W), as NACLIP and SCLIP do.
 
         Raises:
             ValueError: for any setting or input above that cannot give a meaningful map, and when a score turns
@@ -549,10 +574,16 @@ class DeCLIPSegmenter(nn.Module):
                 num_classes=len(name_embeds), windows_per_batch=windows_per_batch,
             ).logits
             require_finite(averaged, f"The similarity maps of images {indices}")
-            for index, cosine in zip(indices, averaged):
-                class_probs = self._class_probabilities(cosine, tensors[index].shape[-2:], classes, logit_scale)
+            for index, cosine, image in zip(indices, averaged, resized):
+                original_size = tuple(tensors[index].shape[-2:])
+                # As in SCLIP / NACLIP: the window average is upsampled first, then refined, scaled and softmaxed.
+                cosine = F.interpolate(cosine[None], size=original_size, mode="bilinear", align_corners=False)
+                if refine is not None:
+                    image = F.interpolate(image[None], size=original_size, mode="bilinear", align_corners=False)
+                    cosine = refine(image, cosine)
+                class_probs = classes.max_over_names((cosine[0] * logit_scale).softmax(dim=0), dim=0)
                 require_finite(class_probs, f"The class probabilities of image {index}")
-                label_maps[index] = _threshold_labels(class_probs, background_threshold)
+                label_maps[index] = _threshold_labels(class_probs, background_threshold, area_threshold)
                 if probabilities is not None:
                     probabilities[index] = class_probs.cpu()  # on the CPU, like the label maps
         return DeCLIPSegmentationOutput(label_maps=label_maps, probabilities=probabilities)
@@ -581,16 +612,22 @@ class DeCLIPSegmenter(nn.Module):
         cosine = F.interpolate(cosine, size=padded.shape[-2:], mode="bilinear", align_corners=False)
         return cosine[:, :, top : top + height, left : left + width]
 
-    @staticmethod
-    def _class_probabilities(cosine, original_size, classes: ClassEmbeddings, logit_scale: float) -> torch.Tensor:
-        """(num_names, h, w) averaged cosines -> (num_classes, H, W) probabilities at the original image size."""
-        # As in SCLIP: the window average is upsampled first, then scaled and softmaxed over all names.
-        cosine = F.interpolate(cosine[None], size=tuple(original_size), mode="bilinear", align_corners=False)[0]
-        name_probs = (cosine * logit_scale).softmax(dim=0)
-        return classes.max_over_names(name_probs, dim=0)
 
 
-def _threshold_labels(class_probs: torch.Tensor, background_threshold: float | None) -> torch.LongTensor:
+def _drop_small_classes(class_probs: torch.Tensor, area_threshold: float) -> torch.Tensor:
+    """SCLIP's `area_thd`: the probabilities of every non-background class whose argmax area is at most
+    `area_threshold` times the image's non-background argmax area are set to 0 (num_classes, H, W)."""
+    num_classes = class_probs.shape[0]
+    areas = torch.bincount(class_probs.argmax(dim=0).flatten(), minlength=num_classes)[1:].to(class_probs.dtype)
+    keep = (areas > area_threshold * areas.sum()).to(class_probs.dtype)
+    return torch.cat([class_probs[:1], class_probs[1:] * keep[:, None, None]])
+
+
+def _threshold_labels(
+    class_probs: torch.Tensor, background_threshold: float | None, area_threshold: float | None = None
+) -> torch.LongTensor:
+    if area_threshold is not None:
+        class_probs = _drop_small_classes(class_probs, area_threshold)
     max_probs, labels = class_probs.max(dim=0)
     if background_threshold is not None:
         labels[max_probs < background_threshold] = 0

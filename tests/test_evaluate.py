@@ -13,7 +13,13 @@ from datasets import Dataset, Features, Image as ImageFeature, List, Value
 from PIL import Image
 
 from declip_hf.benchmarks import SEGMENTATION_BENCHMARKS, SegmentationBenchmark, get_segmentation_benchmark
-from declip_hf.evaluate import ConfusionMatrix, main, panoptic_regions, prepare_label
+from declip_hf.evaluate import ConfusionMatrix, main, prepare_label
+from declip_hf.region_protocols import AreaWeightedRegionProtocol
+
+
+def panoptic_regions(panoptic, segments, category_to_class, skipped):
+    """The "area_weighted" protocol's regions (the only protocol before issue 11)."""
+    return AreaWeightedRegionProtocol().regions(panoptic, segments, category_to_class, None, None, skipped)
 from declip_hf.segmentation import DeCLIPSegmenter, split_class_names
 from tests.test_segmentation import expect_cli_error
 
@@ -197,7 +203,9 @@ def test_evaluation_command_end_to_end(tmp_path, tiny_clip_dir):
     results = json.loads(output.read_text())
 
     assert results["model"] == str(tiny_clip_dir)
-    assert results["protocol"] == "DeCLIP training-free segmentation (docs/method.md §6)"
+    # Issue 11: the protocol's name leads the description (was "DeCLIP training-free segmentation (...)").
+    assert results["protocol"].startswith("declip: comparable with DeCLIP (CVPR 2025)")
+    assert "docs/method.md §6" in results["protocol"]
     assert set(results["versions"]) >= {"torch", "transformers", "datasets", "declip_hf"}
     toy = results["benchmarks"]["toy"]
     assert toy["num_images"] == 2 and toy["skipped"] == {"size_mismatch": 1}  # the third label is 21x28
@@ -304,7 +312,7 @@ def test_region_classification_end_to_end(tmp_path, tiny_clip_dir):
     Dataset.from_dict(data, features=features).to_parquet(data_file)
     spec_path = tmp_path / "regions.yaml"
     spec = {"name": "toy_regions", "path": "parquet", "data_files": {"validation": str(data_file)},
-            "categories": REGION_CATEGORIES, "image_size": 32}
+            "categories": REGION_CATEGORIES, "image_size": 32, "protocol": "area_weighted"}
     spec_path.write_text(yaml.safe_dump(spec))
     output = tmp_path / "results.json"
     main(["--model", str(tiny_clip_dir), "--benchmarks", "", "--region-benchmark", str(spec_path),

@@ -62,6 +62,7 @@ from training.data import (
     shard_for_process,
     sharding_warning,
 )
+from training.evaluation import EvaluationFailed, TrainingEvaluator, add_evaluation_arguments, evaluation_specs
 from training.export import save_model
 from training.losses import DeCLIPLoss
 from training.optim import LR_SCALINGS, build_optimizer, build_scheduler, configure_trainable, scaled_learning_rate
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--logging_steps", type=int, default=10, help="Log every N updates.")
     add("--log_image_hashes", action=flag, default=False, help="Debug: write a hash of every image each process "
         "trains on to RUN_DIR/debug/image_hashes_rank<r>.txt (to check that processes see disjoint data).")
+    add_evaluation_arguments(parser)  # --eval_* (training/evaluation.py)
     return parser
 
 
@@ -239,6 +241,7 @@ class RunPlan:
     view_config: ViewConfig
     images_per_epoch: int | None
     resume_path: Path | None
+    evaluation_specs: tuple[list, list] = ([], [])  # (segmentation, region) specs of --eval_every
 
 
 def check_args(args: argparse.Namespace) -> RunPlan:
@@ -266,7 +269,7 @@ def check_args(args: argparse.Namespace) -> RunPlan:
     if args.max_steps is None and images_per_epoch is None:
         raise ValueError(f"The size of {args.dataset!r} is unknown while streaming: give --max_steps, or "
                          f"--images_per_epoch with --epochs.")
-    return RunPlan(view_config, images_per_epoch, _resume_path(args))
+    return RunPlan(view_config, images_per_epoch, _resume_path(args), evaluation_specs(args))
 
 
 def _resume_path(args: argparse.Namespace) -> Path | None:
@@ -519,6 +522,7 @@ class Run:
     progress: TrainingProgress
     total_steps: int
     nonfinite_in_update: bool = False  # a micro-batch of the current update had a non-finite loss (skip mode)
+    evaluator: TrainingEvaluator | None = None  # --eval_every
 
 
 def setup_run(args: argparse.Namespace, argv: list[str], plan: RunPlan, accelerator: Accelerator,
@@ -550,8 +554,10 @@ def setup_run(args: argparse.Namespace, argv: list[str], plan: RunPlan, accelera
     progress.epoch_images = EpochImageCounts(epoch_images)
     accelerator.init_trackers("declip_distill", config=_tracker_config(args))
     loss_fn = DeCLIPLoss(args.content_weight, args.context_weight)
+    evaluator = TrainingEvaluator(args, plan.evaluation_specs, accelerator, student, run_dir,
+                                  resuming=plan.resume_path is not None)
     return Run(args, argv, accelerator, run_dir, identity, prepared, teacher, vfm, loss_fn, optimizer, scheduler,
-               dataset, position, progress, total_steps)
+               dataset, position, progress, total_steps, evaluator=evaluator)
 
 
 def startup_summary(args: argparse.Namespace, accelerator: Accelerator, total_batch: int, lr: float,
@@ -657,6 +663,7 @@ def run_one_batch(run: Run, batch: dict, epoch: int) -> bool:
         return False
     run.progress.end_update(epoch, run.scheduler.get_last_lr()[0], skipped_update=run.nonfinite_in_update)
     run.nonfinite_in_update = False
+    run.evaluator.after_update(run.progress.step, epoch, run.progress)  # before the checkpoint of this step
     if run.args.checkpointing_steps and run.progress.step % run.args.checkpointing_steps == 0:
         checkpoint(run, epoch)
     return True
@@ -802,7 +809,7 @@ def main(argv: list[str] | None = None) -> dict:
             run = setup_run(args, argv, plan, accelerator, identity)
         train(run)
         summary = finish(run)
-    except (TrainingFailed, CheckpointSaveError) as error:
+    except (TrainingFailed, CheckpointSaveError, EvaluationFailed) as error:
         if run is not None:
             run.progress.close()  # ends the progress bar's line, so the error is a line of its own
         fail(str(error), exit_code=1)

@@ -223,8 +223,14 @@ class TrainingProgress:
         self.bar.close()
 
 
+# Events written before the checkpoint of their step (so a resume from that checkpoint keeps them): evaluations run
+# before the update's checkpoint is saved.
+EVENTS_BEFORE_CHECKPOINT = ("eval",)
+
+
 def _kept_after_resume(record: dict, step: int) -> bool:
-    last_kept = step - 1 if "event" in record else step
+    written_after_checkpoint = "event" in record and record["event"] not in EVENTS_BEFORE_CHECKPOINT
+    last_kept = step - 1 if written_after_checkpoint else step
     return isinstance(record.get("step"), int) and record["step"] <= last_kept
 
 

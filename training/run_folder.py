@@ -24,6 +24,8 @@ RESUMABLE_CHANGES = (
     "config", "make_tiny_assets", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps",
     "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps", "report_to", "log_image_hashes",
     "on_nonfinite",
+    # what is evaluated along the way (training/evaluation.py): measured, never part of what the run computes
+    "eval_every", "eval_benchmarks", "eval_region_benchmarks", "eval_max_images", "eval_text_model", "eval_keep_best",
 )
 # What the launcher decides, with how to set it when it differs.
 LAUNCH_SETTINGS = {
@@ -32,7 +34,7 @@ LAUNCH_SETTINGS = {
     "mixed_precision": "precision (relaunch with `accelerate launch --mixed_precision {saved}` or pass "
                        "--mixed_precision {saved})",
 }
-RUN_OUTPUTS = ("model", "checkpoints", "logs.jsonl", "training_args.json", "tensorboard", "debug")
+RUN_OUTPUTS = ("model", "checkpoints", "logs.jsonl", "training_args.json", "tensorboard", "debug", "best_model")
 
 
 def run_identity(args: argparse.Namespace, accelerator: Accelerator) -> dict:
