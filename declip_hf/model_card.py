@@ -66,8 +66,11 @@ class RegionReference:
     box_thing_mAcc: float
     box_stuff_mAcc: float
 
-    def applies_to(self, benchmark: str, base_model: str | None, image_size) -> bool:
-        return (benchmark, base_model, image_size) == (self.benchmark, self.base_model, self.image_size)
+    protocol: str = "authors"  # the region protocol of declip_hf.region_protocols the paper's numbers follow
+
+    def applies_to(self, benchmark: str, base_model: str | None, settings: dict) -> bool:
+        found = (benchmark, base_model, settings.get("image_size"), settings.get("protocol"))
+        return found == (self.benchmark, self.base_model, self.image_size, self.protocol)
 
     def __str__(self) -> str:
         return f"{self.box_thing_mAcc:.1f} / {self.box_stuff_mAcc:.1f}"
@@ -149,10 +152,18 @@ def _number(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
+def _paper_protocol(settings: dict) -> bool:
+    """The settings of DeCLIP's own segmentation protocol, which the paper's numbers use: the `declip` preset (results
+    files written before presets existed record none and used it) without PAMR."""
+    return settings.get("protocol", "declip") == "declip" and not settings.get("pamr_steps")
+
+
 def segmentation_rows(results: dict | None) -> list[dict]:
+    """One row per segmentation benchmark; the paper's number only for a built-in benchmark under DeCLIP's protocol
+    (a peer's preset, PAMR or a custom spec measure something else)."""
     rows = []
     for name, metrics in ((results or {}).get("benchmarks") or {}).items():
-        paper = PAPER_SEGMENTATION_MIOU.get(name)
+        paper = PAPER_SEGMENTATION_MIOU.get(name) if _paper_protocol(metrics.get("settings") or {}) else None
         rows.append(
             {
                 "name": name,
@@ -165,12 +176,12 @@ def segmentation_rows(results: dict | None) -> list[dict]:
 
 
 def region_rows(results: dict | None, base_model: str | None) -> list[dict]:
-    """One row per region benchmark; the paper's number only where benchmark, starting CLIP and resolution match."""
+    """One row per region benchmark; the paper's number only where benchmark, starting CLIP, resolution and region
+    protocol (the authors') match."""
     rows = []
     for name, metrics in ((results or {}).get("region_classification") or {}).items():
         box, mask = metrics.get("box") or {}, metrics.get("mask") or {}
-        image_size = (metrics.get("settings") or {}).get("image_size")
-        applies = PAPER_REGION_OPENAI.applies_to(name, base_model, image_size)
+        applies = PAPER_REGION_OPENAI.applies_to(name, base_model, metrics.get("settings") or {})
         rows.append(
             {
                 "name": name,

@@ -29,6 +29,7 @@ from declip_hf.model_card import (
     TrainingRun,
     build_model_card,
     region_rows,
+    segmentation_rows,
 )
 from training.export import image_processor_for
 
@@ -89,7 +90,7 @@ RESULTS = {
             "box": {"thing_mAcc": 11.5, "stuff_mAcc": 6.25},
             "mask": {"thing_mAcc": 12.0, "stuff_mAcc": 7.0},
             "num_regions": 17,
-            "settings": {"image_size": 560},
+            "settings": {"image_size": 560, "protocol": "authors"},
         },
     },
 }
@@ -257,6 +258,17 @@ def test_paper_numbers_are_keyed_by_the_built_in_benchmarks():
     assert abs(mean - PAPER_SEGMENTATION_AVERAGE_MIOU["DeCLIP"]) < 0.06  # the paper averages unrounded numbers
 
 
+def test_segmentation_reference_only_under_the_declip_protocol():
+    def paper_column(settings):
+        return [row["paper"] for row in segmentation_rows({"benchmarks": {"voc21": {"settings": settings}}})]
+
+    assert paper_column({"protocol": "declip", "pamr_steps": None}) == ["59.7"]
+    assert paper_column({}) == ["59.7"]  # results written before the presets: DeCLIP's protocol
+    assert paper_column({"protocol": "sclip"}) == ["-"]
+    assert paper_column({"protocol": "declip", "pamr_steps": 10}) == ["-"]
+    assert paper_column({"protocol": "custom"}) == ["-"]
+
+
 def test_region_reference_only_where_it_applies():
     def paper_column(results, base_model):
         return [row["paper"] for row in region_rows(results, base_model)]
@@ -265,9 +277,12 @@ def test_region_reference_only_where_it_applies():
     assert paper_column(RESULTS, openai) == ["65.0 / 38.8"]
     assert paper_column(RESULTS, "laion/CLIP-ViT-B-16-laion2B-s34B-b88K") == ["n/a"]
     assert paper_column(RESULTS, None) == ["n/a"]
-    at_448 = {"region_classification": {"coco_panoptic": {"settings": {"image_size": 448}}}}
+    at_448 = {"region_classification": {"coco_panoptic": {"settings": {"image_size": 448, "protocol": "authors"}}}}
     assert paper_column(at_448, openai) == ["n/a"]
-    other = {"region_classification": {"my_regions": {"settings": {"image_size": 560}}}}
+    area_weighted = {"region_classification": {"coco_panoptic": {"settings": {"image_size": 560,
+                                                                                "protocol": "area_weighted"}}}}
+    assert paper_column(area_weighted, openai) == ["n/a"]  # not the protocol the paper's numbers were measured with
+    other = {"region_classification": {"my_regions": {"settings": {"image_size": 560, "protocol": "authors"}}}}
     assert paper_column(other, openai) == ["n/a"]
     assert paper_column({"region_classification": {"coco_panoptic": {}}}, openai) == ["n/a"]  # size unknown
 
