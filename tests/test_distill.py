@@ -27,7 +27,7 @@ from training.optim import (
     build_scheduler, configure_trainable, parameter_groups, scaled_learning_rate, total_update_steps
 )
 from training.progress import LOSS_NAMES, TrainingProgress
-from training.teachers import FrozenCLIPTeacher, FrozenVFM
+from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM
 from training.tiny_assets import NUM_BAD_IMAGES, synthetic_image, write_image_shards
 from training.views import SKIP_REASONS, ViewConfig, make_views, to_rgb
 
@@ -97,7 +97,7 @@ def test_trainable_set_and_every_trainable_parameter_gets_a_gradient(mode, tiny_
     assert trainable == {name for name in names if not _expected_frozen(name, mode, last)}
 
     teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(tiny_clip_dir))
-    vfm = FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))
+    vfm = ContextTeachers([FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))], ["vfm"])
     batch = _batch(2, seed=1)
     terms = distill.training_step(batch, distill.DenseStudent(student), teacher, vfm, DeCLIPLoss(), Accelerator(cpu=True))
     terms["total"].backward()
@@ -117,11 +117,15 @@ def test_num_trainable_layers_keeps_earlier_layers_frozen(tiny_clip_dir):
         configure_trainable(student, num_trainable_layers=3)
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "maskclip"])
-def test_baseline_modes_cannot_be_distilled(mode, tiny_clip_dir):
+@pytest.mark.parametrize("mode, unused", [("vanilla", []), ("maskclip", ["q_proj", "k_proj"])])
+def test_baseline_paths_train_what_they_read(mode, unused, tiny_clip_dir):
+    """The ablations (docs/method.md §10) distil the baseline paths (before: refused): vanilla trains its whole last
+    layer, MLP included; maskclip all of it but q and k, which its value path never reads."""
     student = DeCLIPVisionModel.from_pretrained(tiny_clip_dir, decoupled_attention=mode)
-    with pytest.raises(ValueError, match="TRAINABLE_ATTENTION_MODES"):
-        configure_trainable(student)
+    trainable = set(configure_trainable(student))
+    last_layer = {name for name, _ in student.named_parameters() if name.startswith("encoder.layers.1.")}
+    assert last_layer - trainable == {name for name in last_layer if any(f".{p}." in name for p in unused)}
+    assert "encoder.layers.1.mlp.fc2.weight" in trainable
 
 
 def test_run_length_and_lr_scaling_errors_name_what_to_pass():
@@ -469,7 +473,7 @@ def test_latest_ignores_an_incomplete_checkpoint(uninterrupted_run):
 def test_short_run_lowers_held_out_losses(uninterrupted_run, tiny_clip_dir, tiny_dinov2_dir):
     batch = _batch(4, seed=99)  # images the run never saw
     teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(tiny_clip_dir))
-    vfm = FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))
+    vfm = ContextTeachers([FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))], ["vfm"])
     loss_fn = DeCLIPLoss(context_weight=1.0)
 
     def held_out_losses(checkpoint) -> dict[str, float]:

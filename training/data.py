@@ -49,7 +49,8 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from training.views import MIN_IMAGE_SIDE, SKIP_REASONS, UnusableImage, ViewConfig, make_views, to_rgb
 
-VIEW_KEYS = ("student", "crops", "boxes", "crop_valid", "vfm")
+# The views every example has; each context teacher's view ("vfm", "vfm_1", ...) comes on top (training/views.py).
+VIEW_KEYS = ("student", "crops", "boxes", "crop_valid")
 # Per-example bookkeeping that travels with the views so nothing is lost inside dataloader workers.
 POSITION_KEYS = ("worker", "num_workers", "stream_position")
 
@@ -570,7 +571,8 @@ class ImageViewsDataset(torch.utils.data.IterableDataset):
 
 def collate_views(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack the views; sum the skip counts; keep the batch's position (all examples come from one worker)."""
-    batch = {key: torch.stack([example[key] for example in examples]) for key in VIEW_KEYS}
+    view_keys = [key for key in examples[0] if key not in ("skipped", *POSITION_KEYS)]  # VIEW_KEYS + VFM views
+    batch = {key: torch.stack([example[key] for example in examples]) for key in view_keys}
     batch["skipped"] = torch.stack([example["skipped"] for example in examples]).sum(dim=0)
     workers = {int(example["worker"]) for example in examples}
     if len(workers) != 1:

@@ -1,8 +1,10 @@
-"""The built-in small default of the distillation script: tiny random CLIP and DINOv2 checkpoints and a few dozen
-generated images as local parquet shards, written on first use so that `configs/tiny.yaml` runs anywhere, offline.
+"""The built-in small default of the distillation script: tiny random CLIP, DINOv2, DINO and SAM checkpoints and a
+few dozen generated images as local parquet shards, written on first use so that `configs/tiny.yaml` (and every
+teacher and ablation, docs/method.md §9-§10) runs anywhere, offline.
 
 Layout under the assets folder: `clip/` (a random `CLIPModel` with tokenizer, Hub layout), `dinov2/` (a random
-`Dinov2Model`), `images/train-0000{i}-of-0000{n}.parquet` (one `image` column, `datasets.Image` feature). A few
+`Dinov2Model`), `dino/` (a random `ViTModel`, as facebook/dino-vitb16), `sam/` (a random `SamModel`, as
+facebook/sam-vit-base), `images/train-0000{i}-of-0000{n}.parquet` (one `image` column, `datasets.Image` feature). A few
 deliberately unusable images (corrupt bytes, a 5x5 px image) are included so that skip counting shows in the logs,
 and some in other colour modes (grey, palette, RGBA, CMYK, 16-bit grey) that must be converted, not skipped.
 """
@@ -18,13 +20,59 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import datasets
+import torch
 from datasets import Dataset, Features, Image
+from transformers import SamConfig, SamImageProcessor, SamModel, ViTConfig, ViTImageProcessor, ViTModel
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from declip_hf.loading_utils import quiet_transformers
 from declip_hf.tiny import save_tiny_clip, save_tiny_dinov2
 
+# The tiny teachers' patch size: with the tiny CLIP's patch 4 and a 64 px student view (16 x 16 grid), their
+# views are 32 px, the same grid.
+TINY_TEACHER_PATCH_SIZE = 2
+_TINY_VIT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "image_size": 32, "patch_size": TINY_TEACHER_PATCH_SIZE}
+
 # Images that are not usable on purpose: decoding fails, or smaller than the 10 px minimum of §3.
 NUM_BAD_IMAGES = 2
+
+
+def save_tiny_dino(path: str | Path, seed: int = 0) -> Path:
+    """Write a random DINO (v1) `ViTModel` and its image processor (ImageNet statistics, as facebook/dino-vitb16)."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    ViTModel(ViTConfig(**_TINY_VIT)).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=IMAGENET_DEFAULT_MEAN,
+                      image_std=IMAGENET_DEFAULT_STD).save_pretrained(path)
+    return path
+
+
+def tiny_sam_config() -> SamConfig:
+    """SAM's layout at hidden size 32: 2 blocks (a windowed one, window 4, then a global one), a 24-channel neck."""
+    channels = 24
+    vision = {**_TINY_VIT, "mlp_dim": 37, "window_size": 4, "global_attn_indexes": [1], "output_channels": channels,
+              "num_pos_feats": channels // 2}
+    vision.pop("intermediate_size")
+    prompt = {"hidden_size": channels, "image_size": 32, "patch_size": TINY_TEACHER_PATCH_SIZE}
+    decoder = {"hidden_size": channels, "mlp_dim": 37, "num_attention_heads": 4, "iou_head_hidden_dim": channels}
+    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+
+
+def save_tiny_sam(path: str | Path, seed: int = 0) -> Path:
+    """Write a random `SamModel` and its image processor. SAM initialises its absolute and relative position
+    embeddings to zero; they are drawn at random here so that resizing them changes the features, as it does for
+    the trained checkpoints."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = SamModel(tiny_sam_config())
+    with torch.no_grad():
+        for name, parameter in model.vision_encoder.named_parameters():
+            if name == "pos_embed" or name.endswith(("rel_pos_h", "rel_pos_w")):
+                parameter.normal_(std=0.5)
+    model.save_pretrained(path)
+    SamImageProcessor(size={"longest_edge": 32}, pad_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
 
 
 def synthetic_image(index: int, rng: np.random.Generator) -> PIL.Image.Image:
@@ -89,12 +137,14 @@ def make_tiny_assets(root: str | Path, num_images: int = 48, num_shards: int = 2
     root = Path(root)
     if root.exists():
         return root
-    print(f"Writing the tiny assets (random CLIP and DINOv2 checkpoints, {num_images} generated images) to {root}",
-          file=sys.stderr, flush=True)
+    print(f"Writing the tiny assets (random CLIP, DINOv2, DINO and SAM checkpoints, {num_images} generated images) "
+          f"to {root}", file=sys.stderr, flush=True)
     staging = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
     with quiet_transformers(), _no_datasets_progress_bars():
         save_tiny_clip(staging / "clip")
         save_tiny_dinov2(staging / "dinov2")
+        save_tiny_dino(staging / "dino")
+        save_tiny_sam(staging / "sam")
         write_image_shards(staging / "images", num_images, num_shards)
     try:
         os.rename(staging, root)
