@@ -28,11 +28,13 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from declip_hf.loading_utils import quiet_transformers
 from declip_hf.tiny import save_tiny_clip, save_tiny_dinov2
 
-# The tiny teachers' patch size: with the tiny CLIP's patch 4 and a 64 px student view (16 x 16 grid), their
-# views are 32 px, the same grid.
-TINY_TEACHER_PATCH_SIZE = 2
+# The tiny teachers' patch sizes. With the tiny CLIP's patch 4 and a 64 px student view (16 x 16 grid), the DINO
+# view is 32 px and the SAM view 64 px, the same grid; SAM's 8 x 8 position grid (32 px) is then resized to 16 x 16,
+# as a real SAM's 64 x 64 grid is to 35 x 35 for a 560 px student.
+TINY_DINO_PATCH_SIZE = 2
+TINY_SAM_PATCH_SIZE = 4
 _TINY_VIT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "image_size": 32, "patch_size": TINY_TEACHER_PATCH_SIZE}
+             "image_size": 32, "patch_size": TINY_DINO_PATCH_SIZE}
 
 # Images that are not usable on purpose: decoding fails, or smaller than the 10 px minimum of §3.
 NUM_BAD_IMAGES = 2
@@ -49,12 +51,14 @@ def save_tiny_dino(path: str | Path, seed: int = 0) -> Path:
 
 
 def tiny_sam_config() -> SamConfig:
-    """SAM's layout at hidden size 32: 2 blocks (a windowed one, window 4, then a global one), a 24-channel neck."""
+    """SAM's layout at hidden size 32, patch 4: 2 blocks (a windowed one, window 4, then a global one), a 24-channel
+    neck."""
     channels = 24
-    vision = {**_TINY_VIT, "mlp_dim": 37, "window_size": 4, "global_attn_indexes": [1], "output_channels": channels,
-              "num_pos_feats": channels // 2}
+    vision = {**_TINY_VIT, "patch_size": TINY_SAM_PATCH_SIZE, "mlp_dim": 37, "window_size": 4,
+              "global_attn_indexes": [1], "output_channels": channels, "num_pos_feats": channels // 2,
+              "initializer_range": 0.02}  # SamVisionConfig's own 1e-10 would make every feature about 0
     vision.pop("intermediate_size")
-    prompt = {"hidden_size": channels, "image_size": 32, "patch_size": TINY_TEACHER_PATCH_SIZE}
+    prompt = {"hidden_size": channels, "image_size": 32, "patch_size": TINY_SAM_PATCH_SIZE}
     decoder = {"hidden_size": channels, "mlp_dim": 37, "num_attention_heads": 4, "iou_head_hidden_dim": channels}
     return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
 

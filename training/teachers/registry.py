@@ -21,7 +21,7 @@ def vfm_adapter_class(config: PretrainedConfig, name: str) -> type[VFMAdapter]:
     """The adapter for `config`; a ValueError naming the supported model types for any other model."""
     if config.model_type not in VFM_ADAPTERS:
         raise ValueError(
-            f"--vfm {name!r} is a {config.model_type!r} model; a context teacher must be one of "
+            f"--vfm {name!r} is a {config.model_type!r} model; the context teacher must be one of "
             f"{', '.join(VFM_ADAPTERS)} (e.g. {', '.join(SUPPORTED_EXAMPLES)})."
         )
     return VFM_ADAPTERS[config.model_type]
