@@ -263,7 +263,9 @@ def vfm_names(args: argparse.Namespace) -> list[str]:
 def teacher_weights(args: argparse.Namespace) -> tuple[float, ...]:
     """--vfm_weights, or equal weights summing to 1."""
     count = len(vfm_names(args))
-    return tuple(args.vfm_weights) if args.vfm_weights is not None else (1.0 / count,) * count
+    if args.vfm_weights is not None:
+        return tuple(args.vfm_weights)
+    return tuple(1.0 / count for _ in range(count))  # () for the clipself ablation: no context term
 
 
 def teacher_names(args: argparse.Namespace) -> tuple[str, ...]:
