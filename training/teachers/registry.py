@@ -10,7 +10,7 @@ from .dinov2 import Dinov2Adapter
 from .sam import SamAdapter
 
 # model_type -> adapter class. A new VFM family is one adapter class added to this tuple.
-VFM_ADAPTERS: dict[str, type[VFMAdapter]] = {
+VFM_ADAPTERS = {
     model_type: adapter for adapter in (Dinov2Adapter, DinoAdapter, SamAdapter) for model_type in adapter.model_types
 }
 SUPPORTED_EXAMPLES = ("facebook/dinov2-base", "facebook/dinov2-with-registers-base", "facebook/dino-vitb16",
