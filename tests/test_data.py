@@ -9,6 +9,7 @@ import io
 import json
 import random
 import re
+import shutil
 import struct
 import tarfile
 import time
@@ -426,6 +427,12 @@ def test_writing_the_tiny_assets_says_what_it_writes_without_progress_bars(tmp_p
     assert not datasets.are_progress_bars_disabled() and transformers_logging.is_progress_bar_enabled()
     make_tiny_assets(root)
     assert capfd.readouterr() == ("", "")  # already there: nothing to say
+    # A folder written before the DINO and SAM teachers existed gets just those, with a line saying so.
+    shutil.rmtree(root / "sam")
+    clip_files = sorted((root / "clip").iterdir())
+    make_tiny_assets(root)
+    assert capfd.readouterr().err == f"Adding the tiny SAM checkpoint(s) to {root}\n"
+    assert (root / "sam" / "config.json").is_file() and sorted((root / "clip").iterdir()) == clip_files
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -131,15 +131,20 @@ def write_image_shards(folder: Path, num_images: int, num_shards: int, seed: int
     return paths
 
 
+# The teachers added after the first layout: an assets folder written before them gets them on its next use.
+LATER_TEACHERS = {"dino": save_tiny_dino, "sam": save_tiny_sam}
+
+
 def make_tiny_assets(root: str | Path, num_images: int = 48, num_shards: int = 2) -> Path:
     """Write the tiny checkpoints and images under `root` unless they are there already; returns `root`.
 
     Says in one line what it writes, without the progress bars of `save_pretrained` and `to_parquet`. Safe when
     several processes start at once: each writes a private folder and renames it into place; a process that loses
-    the race drops its copy.
+    the race drops its copy. A folder written before the DINO and SAM teachers existed gets just those.
     """
     root = Path(root)
     if root.exists():
+        _add_later_teachers(root)
         return root
     print(f"Writing the tiny assets (random CLIP, DINOv2, DINO and SAM checkpoints, {num_images} generated images) "
           f"to {root}", file=sys.stderr, flush=True)
@@ -147,14 +152,31 @@ def make_tiny_assets(root: str | Path, num_images: int = 48, num_shards: int = 2
     with quiet_transformers(), _no_datasets_progress_bars():
         save_tiny_clip(staging / "clip")
         save_tiny_dinov2(staging / "dinov2")
-        save_tiny_dino(staging / "dino")
-        save_tiny_sam(staging / "sam")
+        for name, save in LATER_TEACHERS.items():
+            save(staging / name)
         write_image_shards(staging / "images", num_images, num_shards)
+    _rename_or_drop(staging, root)
+    return root
+
+
+def _add_later_teachers(root: Path) -> None:
+    missing = [name for name in LATER_TEACHERS if not (root / name).exists()]
+    if not missing or not (root / "clip").is_dir():  # not an assets folder of ours: leave it alone
+        return
+    print(f"Adding the tiny {' and '.join(name.upper() for name in missing)} checkpoint(s) to {root}",
+          file=sys.stderr, flush=True)
+    for name in missing:
+        staging = root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        with quiet_transformers():
+            LATER_TEACHERS[name](staging)
+        _rename_or_drop(staging, root / name)
+
+
+def _rename_or_drop(staging: Path, target: Path) -> None:
     try:
-        os.rename(staging, root)
+        os.rename(staging, target)
     except OSError:  # another process finished first
         shutil.rmtree(staging, ignore_errors=True)
-    return root
 
 
 @contextlib.contextmanager
