@@ -117,15 +117,28 @@ def test_num_trainable_layers_keeps_earlier_layers_frozen(tiny_clip_dir):
         configure_trainable(student, num_trainable_layers=3)
 
 
-@pytest.mark.parametrize("mode, unused", [("vanilla", []), ("maskclip", ["q_proj", "k_proj"])])
-def test_baseline_paths_train_what_they_read(mode, unused, tiny_clip_dir):
+@pytest.mark.parametrize("scheme, mode, unused", [("coupled", "vanilla", []), ("clipself", "maskclip", ["q_proj", "k_proj"])])
+def test_baseline_paths_train_what_they_read(scheme, mode, unused, tiny_clip_dir, tiny_dinov2_dir):
     """The ablations (docs/method.md §10) distil the baseline paths (before: refused): vanilla trains its whole last
-    layer, MLP included; maskclip all of it but q and k, which its value path never reads."""
+    layer, MLP included; maskclip all of it but q and k, which its value path never reads. Every trainable parameter
+    gets a gradient (DDP requires it)."""
+    from training.losses import TRAINING_SCHEMES
+
     student = DeCLIPVisionModel.from_pretrained(tiny_clip_dir, decoupled_attention=mode)
     trainable = set(configure_trainable(student))
     last_layer = {name for name, _ in student.named_parameters() if name.startswith("encoder.layers.1.")}
     assert last_layer - trainable == {name for name in last_layer if any(f".{p}." in name for p in unused)}
     assert "encoder.layers.1.mlp.fc2.weight" in trainable
+    uses_vfm = TRAINING_SCHEMES[scheme].uses_vfm
+    vfms = [FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))] if uses_vfm else []
+    teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(tiny_clip_dir))
+    loss_fn = DeCLIPLoss(teacher_weights=(1.0,) if uses_vfm else ())
+    terms = distill.training_step(_batch(2, seed=2), distill.DenseStudent(student), teacher,
+                                  ContextTeachers(vfms, ["vfm"] * len(vfms)), loss_fn, Accelerator(cpu=True),
+                                  TRAINING_SCHEMES[scheme].context_of)
+    terms["total"].backward()
+    for name, parameter in student.named_parameters():
+        assert (parameter.grad is not None and parameter.grad.abs().sum() > 0) == (name in trainable), name
 
 
 def test_run_length_and_lr_scaling_errors_name_what_to_pass():
