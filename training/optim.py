@@ -25,7 +25,8 @@ def scaled_learning_rate(lr: float, total_batch: int, scaling: str) -> float:
 
 
 # The baselines' last layer (the ablations, docs/method.md §10): `vanilla` is CLIP's whole layer, so every part of
-# it trains (both losses flow into it); `maskclip` replaces attention by the value path, so q and k are never read.
+# it trains (both losses flow into it), as in the authors' `sanity_check` mode, whose freeze list for their EVA
+# students holds only `logit_scale`; `maskclip` replaces attention by the value path, so q and k are never read.
 BASELINE_UNUSED_MODULES = {"vanilla": [], "maskclip": ["self_attn.q_proj", "self_attn.k_proj"]}
 
 
