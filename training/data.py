@@ -3,7 +3,7 @@
 A source (Hub id, local image folder, parquet files or webdataset shards) is opened as a streaming
 `datasets.IterableDataset` whose image column is left undecoded; every process takes a disjoint part of it
 (`shard_for_process`); `ImageViewsDataset` decodes each image in our own code (so a bad file is counted and skipped,
-never fatal) and turns it into the three views of training/views.py; `make_dataloader` batches them.
+never fatal) and turns it into the training views of training/views.py; `make_dataloader` batches them.
 
 Every skipped image is counted under one of `SKIP_REASONS`: "missing" (empty cell, unreadable path), "undecodable"
 (not an image, or corrupt data), "truncated" (the file ends early), "too_large" (more than `MAX_DECODED_PIXELS`
@@ -444,7 +444,7 @@ def _worker_slot() -> tuple[int, int]:
 
 
 class ImageViewsDataset(torch.utils.data.IterableDataset):
-    """The three views (training/views.py) of every usable image of this rank's stream; unusable ones are counted.
+    """The training views (training/views.py) of every usable image of this rank's stream; unusable ones are counted.
 
     Each example is a dict of the view tensors (`VIEW_KEYS`) plus "skipped", the (len(SKIP_REASONS),) counts of
     images skipped since the previous example of the same worker, and the `POSITION_KEYS` scalars that

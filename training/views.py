@@ -1,8 +1,8 @@
-"""The three training views of one image for DeCLIP distillation (CVPR 2025, arXiv 2505.04410), §3 of the method.
+"""The training views of one image for DeCLIP distillation (CVPR 2025, arXiv 2505.04410), §3 of the method.
 
 From a decoded RGB image: the student view (letterboxed, CLIP-normalised), up to `max_crops` grid crops for the
-frozen CLIP teacher together with their boxes in the student frame, and the VFM view whose patch grid equals the
-student's.
+frozen CLIP teacher together with their boxes in the student frame, and one view per context teacher (VFM) whose
+patch grid equals the student's, at that teacher's patch size (none for the clipself ablation; docs/method.md §9).
 
 Choices the paper leaves open (docs/method.md §3 and its section on where we differ), following the authors' recipe
 (CLIPSelf / DeCLIP `GridDistillDataset` with open_clip's `ResizeLongest` / `ResizeMaxSize` transforms) unless said
@@ -50,7 +50,7 @@ class UnusableImage(ValueError):
 
 @dataclass
 class ViewConfig:
-    """Sizes and normalisation of the three views.
+    """Sizes and normalisation of the views.
 
     Args:
         student_size (`int`, *optional*, defaults to 560): side of the square student input.
