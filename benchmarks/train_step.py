@@ -206,8 +206,8 @@ def sgemm_gflops(seconds: float = 2.0) -> float:
 
 def table(results: list[dict]) -> str:
     reference = {result["attention"] + str(result["checkpointing"]): result["step_s"] for result in results
-                 if result["attention"] == "sdpa" and not result["autocast_bf16"] and result["frozen_dtype"] == "float32"
-                 and result["teacher"] == "dinov2"}
+                 if result["attention"] == "sdpa" and not result["autocast_bf16"]
+                 and result["frozen_dtype"] == "float32" and result["teacher"] == "dinov2"}
     lines = [
         "| variant | s/step | images/s | peak RSS GiB | teacher crops s | VFM s | VFM view px | VFM weights GiB | "
         "VFM forward peak GiB | student fwd+bwd s | eager/fused time |",

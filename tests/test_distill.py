@@ -117,7 +117,8 @@ def test_num_trainable_layers_keeps_earlier_layers_frozen(tiny_clip_dir):
         configure_trainable(student, num_trainable_layers=3)
 
 
-@pytest.mark.parametrize("scheme, mode, unused", [("coupled", "vanilla", []), ("clipself", "maskclip", ["q_proj", "k_proj"])])
+@pytest.mark.parametrize("scheme, mode, unused",
+                         [("coupled", "vanilla", []), ("clipself", "maskclip", ["q_proj", "k_proj"])])
 def test_baseline_paths_train_what_they_read(scheme, mode, unused, tiny_clip_dir, tiny_dinov2_dir):
     """The ablations (docs/method.md §10) distil the baseline paths (before: refused): vanilla trains its whole last
     layer, MLP included; maskclip all of it but q and k, which its value path never reads. Every trainable parameter
