@@ -1,11 +1,13 @@
 """Speed and memory of one DeCLIP distillation step on the CPU (DeCLIP, CVPR 2025; docs/method.md §3-5).
 
 The real recipe's shapes with random weights built from configs (nothing is downloaded): a ViT-B/16 student at
-560 px, 20 teacher crops of 224 px per image, a DINOv2-B VFM at 490 px, batch 2. Each variant runs in its own
-process, so the peak resident memory (ru_maxrss) is that variant's own. The step is the training script's:
-teacher crop embeddings and VFM features without grad, the student's dense features, both losses, backward,
-AdamW. Reported: seconds per step, images/s, peak RSS, and the time split into teacher crops, VFM and the
-student's forward+backward (with the loss and optimizer update).
+560 px, 20 teacher crops of 224 px per image, a DINOv2-B VFM at 490 px, batch 2; the teacher rows swap in SAM-B
+(its encoder and neck at 560 px, docs/method.md §9) or DINO-B/16 (560 px). Each variant runs in its own process, so
+the peak resident memory (ru_maxrss) is that variant's own. The step is the training script's: VFM features and
+teacher crop embeddings without grad, the student's dense features, both losses, backward, AdamW. Reported:
+seconds per step, images/s, peak RSS, the time split into VFM, teacher crops and the student's forward+backward
+(with the loss and optimizer update), and the VFM part's own peak: how far its forward raised the RSS above the
+built models (it runs first in the step, so nothing else has raised it yet).
 
     python benchmarks/train_step.py               # all variants, a markdown table (about 10 minutes on 2 cores)
     python benchmarks/train_step.py --tiny        # the same on tiny models, seconds: checks the script itself
@@ -22,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, Dinov2Config
+from transformers import AutoModel, Dinov2Config, SamVisionConfig, ViTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training.*` from the repository root
 
@@ -32,7 +34,7 @@ from training.losses import DeCLIPLoss  # noqa: E402
 from training.optim import build_optimizer, configure_trainable  # noqa: E402
 from training.teachers import FrozenCLIPTeacher, FrozenVFM  # noqa: E402
 
-# (student config, VFM config, student size, teacher size, VFM size, crops per image)
+# (student config, DINOv2 config, student size, teacher size, DINOv2 view size, crops per image)
 SHAPES = {
     "vitb16": (
         dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
@@ -49,6 +51,24 @@ SHAPES = {
 }
 
 
+# Context teachers other than the shapes' DINOv2: config class and kwargs per shape name. The view is the student's
+# grid at the teacher's patch size (560 px for patch 16 at a 560 px student).
+OTHER_TEACHERS = {
+    "sam_b": (SamVisionConfig, {
+        "vitb16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=16, image_size=1024,
+                       window_size=14, global_attn_indexes=[2, 5, 8, 11], output_channels=256),
+        "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=32,
+                     window_size=4, global_attn_indexes=[1], output_channels=24, mlp_dim=37),
+    }),
+    "dino_b16": (ViTConfig, {
+        "vitb16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                       patch_size=16, image_size=224),
+        "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, patch_size=2,
+                     image_size=32),
+    }),
+}
+
+
 @dataclass
 class Variant:
     name: str
@@ -56,6 +76,7 @@ class Variant:
     checkpointing: bool = False
     autocast_bf16: bool = False  # the student under bf16 autocast (the teachers follow --frozen_dtype)
     frozen_dtype: str = "float32"
+    teacher: str = "dinov2"  # the context teacher: "dinov2" (the shapes' own) or a key of OTHER_TEACHERS
 
 
 VARIANTS = [
@@ -66,11 +87,23 @@ VARIANTS = [
     Variant("fp32, bf16 teachers + checkpointing", checkpointing=True, frozen_dtype="bfloat16"),
     Variant("bf16 autocast + bf16 teachers + checkpointing", checkpointing=True, autocast_bf16=True,
             frozen_dtype="bfloat16"),
+    Variant("fp32, SAM-B teacher", teacher="sam_b"),
+    Variant("fp32, DINO-B/16 teacher", teacher="dino_b16"),
 ]
 
 
-def build(variant: Variant, shapes):
-    student_kwargs, vfm_kwargs = shapes[0], shapes[1]
+def build_vfm(variant: Variant, shape_name: str, dtype: torch.dtype) -> FrozenVFM:
+    """The variant's context teacher, random weights from its config, read by its adapter (training/teachers/)."""
+    if variant.teacher == "dinov2":
+        config = Dinov2Config(**SHAPES[shape_name][1])
+    else:
+        config_class, kwargs = OTHER_TEACHERS[variant.teacher]
+        config = config_class(**kwargs[shape_name])
+    return FrozenVFM(AutoModel.from_config(config, attn_implementation=variant.attention), dtype)
+
+
+def build(variant: Variant, shape_name: str):
+    student_kwargs = SHAPES[shape_name][0]
     config = DeCLIPVisionConfig(**student_kwargs, decoupled_attention="qq")
     # With attn_implementation="eager" the decoupled last layer materialises its attention weights too.
     student = AutoModel.from_config(config, attn_implementation=variant.attention)
@@ -82,14 +115,17 @@ def build(variant: Variant, shapes):
     teacher_model.load_state_dict(student.state_dict())  # the starting CLIP
     dtype = getattr(torch, variant.frozen_dtype)
     teacher = FrozenCLIPTeacher(teacher_model, dtype)
-    vfm = FrozenVFM(AutoModel.from_config(Dinov2Config(**vfm_kwargs), attn_implementation=variant.attention), dtype)
+    vfm = build_vfm(variant, shape_name, dtype)
     optimizer = build_optimizer(student, 1e-5, 0.1, (0.9, 0.98), 1e-6)
     return DenseStudent(student), teacher, vfm, optimizer
 
 
-def make_batch(shapes, batch_size: int) -> dict[str, torch.Tensor]:
-    """Random views with every crop slot used (the most teacher work a step can have)."""
-    student_size, teacher_size, vfm_size, crops = shapes[2:]
+def make_batch(shapes, batch_size: int, vfm_patch: int) -> dict[str, torch.Tensor]:
+    """Random views with every crop slot used (the most teacher work a step can have); the VFM view is the
+    student's grid at `vfm_patch`."""
+    student_size, teacher_size, _, crops = shapes[2:]
+    student_patch = shapes[0]["patch_size"]
+    vfm_size = student_size // student_patch * vfm_patch
     generator = torch.Generator().manual_seed(0)
     corners = torch.rand(batch_size, crops, 2, 2, generator=generator)
     boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values + 0.05], dim=-1).clamp(max=1.0)
@@ -103,16 +139,18 @@ def make_batch(shapes, batch_size: int) -> dict[str, torch.Tensor]:
 
 
 def timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast) -> dict[str, float]:
-    """training/distill.py's `training_step` + backward + update, with a clock around each part."""
+    """training/distill.py's `training_step` + backward + update, with a clock around each part. The VFM runs
+    first, so the peak RSS right after it is the models' plus the VFM forward's own."""
     times = {}
-    start = time.perf_counter()
-    with autocast():
-        teacher_embeds = teacher(batch["crops"][batch["crop_valid"]])
-    times["teacher_s"] = time.perf_counter() - start
     start = time.perf_counter()
     with autocast():
         vfm_map = vfm(batch["vfm"])
     times["vfm_s"] = time.perf_counter() - start
+    times["vfm_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    start = time.perf_counter()
+    with autocast():
+        teacher_embeds = teacher(batch["crops"][batch["crop_valid"]])
+    times["teacher_s"] = time.perf_counter() - start
     start = time.perf_counter()
     with autocast():
         dense = student(batch["student"])
@@ -122,26 +160,31 @@ def timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast) -> di
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     times["student_s"] = time.perf_counter() - start
-    times["step_s"] = sum(times.values())
+    times["step_s"] = times["vfm_s"] + times["teacher_s"] + times["student_s"]
     return times
 
 
 def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int) -> dict:
     shapes = SHAPES[shape_name]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    student, teacher, vfm, optimizer = build(variant, shapes)
-    batch = make_batch(shapes, batch_size)
+    student, teacher, vfm, optimizer = build(variant, shape_name)
+    rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    batch = make_batch(shapes, batch_size, vfm.patch_size)
     loss_fn = DeCLIPLoss()
     if variant.autocast_bf16:
         autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     else:
         autocast = nullcontext
-    timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast)  # warm-up: allocator, kernels, Adam state
+    # warm-up: allocator, kernels, Adam state; its VFM part is the first to raise the RSS above the built models
+    warm_up = timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast)
     measured = [timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast) for _ in range(steps)]
     mean = {key: sum(step[key] for step in measured) / steps for key in measured[0]}
     return {
         **asdict(variant),
         **mean,
+        "vfm_view": batch["vfm"].shape[-1],
+        "vfm_forward_peak_gib": warm_up["vfm_peak_rss_gib"] - rss_built,
+        "vfm_weights_gib": sum(p.numel() * p.element_size() for p in vfm.parameters()) / 2**30,
         "images_per_s": batch_size / mean["step_s"],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB -> GiB
         "rss_after_imports_gib": rss_before,
@@ -163,16 +206,19 @@ def sgemm_gflops(seconds: float = 2.0) -> float:
 
 def table(results: list[dict]) -> str:
     reference = {result["attention"] + str(result["checkpointing"]): result["step_s"] for result in results
-                 if result["attention"] == "sdpa" and not result["autocast_bf16"] and result["frozen_dtype"] == "float32"}
+                 if result["attention"] == "sdpa" and not result["autocast_bf16"]
+                 and result["frozen_dtype"] == "float32" and result["teacher"] == "dinov2"}
     lines = [
-        "| variant | s/step | images/s | peak RSS GiB | teacher crops s | VFM s | student fwd+bwd s | eager/fused time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | s/step | images/s | peak RSS GiB | teacher crops s | VFM s | VFM view px | VFM weights GiB | "
+        "VFM forward peak GiB | student fwd+bwd s | eager/fused time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         fused = reference.get("sdpa" + str(r["checkpointing"]))
         ratio = f"{r['step_s'] / fused:.2f}x" if r["attention"] == "eager" and fused else ""
         lines.append(f"| {r['name']} | {r['step_s']:.1f} | {r['images_per_s']:.3f} | {r['peak_rss_gib']:.2f} | "
-                     f"{r['teacher_s']:.1f} | {r['vfm_s']:.1f} | {r['student_s']:.1f} | {ratio} |")
+                     f"{r['teacher_s']:.1f} | {r['vfm_s']:.1f} | {r['vfm_view']} | {r['vfm_weights_gib']:.2f} | "
+                     f"{r['vfm_forward_peak_gib']:.2f} | {r['student_s']:.1f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import random
 import re
+import shutil
 import struct
 import tarfile
 import time
@@ -420,12 +421,19 @@ def test_offline_a_hub_id_not_in_the_cache_says_so(tmp_path, monkeypatch):
 def test_writing_the_tiny_assets_says_what_it_writes_without_progress_bars(tmp_path, capfd):
     root = make_tiny_assets(tmp_path / "assets", num_images=6, num_shards=1)
     out, err = capfd.readouterr()
-    assert f"Writing the tiny assets (random CLIP and DINOv2 checkpoints, 6 generated images) to {root}\n" == out + err
-    assert sorted(path.name for path in root.iterdir()) == ["clip", "dinov2", "images"]
+    expected = f"Writing the tiny assets (random CLIP, DINOv2, DINO and SAM checkpoints, 6 generated images) to {root}\n"
+    assert expected == out + err
+    assert sorted(path.name for path in root.iterdir()) == ["clip", "dino", "dinov2", "images", "sam"]
     # The bars are back for what follows.
     assert not datasets.are_progress_bars_disabled() and transformers_logging.is_progress_bar_enabled()
     make_tiny_assets(root)
     assert capfd.readouterr() == ("", "")  # already there: nothing to say
+    # A folder written before the DINO and SAM teachers existed gets just those, with a line saying so.
+    shutil.rmtree(root / "sam")
+    clip_files = sorted((root / "clip").iterdir())
+    make_tiny_assets(root)
+    assert capfd.readouterr().err == f"Adding the tiny SAM checkpoint(s) to {root}\n"
+    assert (root / "sam" / "config.json").is_file() and sorted((root / "clip").iterdir()) == clip_files
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,14 +21,14 @@ from transformers import AutoModel, AutoTokenizer, CLIPImageProcessor, CLIPTextM
 from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPVisionModel
 from training import distill
 from training.data import collate_views
-from training.losses import DeCLIPLoss
+from training.losses import DeCLIPLoss, context_loss
 from training.export import save_model
 from training.optim import (
     build_scheduler, configure_trainable, parameter_groups, scaled_learning_rate, total_update_steps
 )
 from training.progress import LOSS_NAMES, TrainingProgress
-from training.teachers import FrozenCLIPTeacher, FrozenVFM
-from training.tiny_assets import NUM_BAD_IMAGES, synthetic_image, write_image_shards
+from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM
+from training.tiny_assets import NUM_BAD_IMAGES, make_tiny_assets, synthetic_image, write_image_shards
 from training.views import SKIP_REASONS, ViewConfig, make_views, to_rgb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_trainable_set_and_every_trainable_parameter_gets_a_gradient(mode, tiny_
     assert trainable == {name for name in names if not _expected_frozen(name, mode, last)}
 
     teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(tiny_clip_dir))
-    vfm = FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))
+    vfm = ContextTeachers([FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))], ["vfm"])
     batch = _batch(2, seed=1)
     terms = distill.training_step(batch, distill.DenseStudent(student), teacher, vfm, DeCLIPLoss(), Accelerator(cpu=True))
     terms["total"].backward()
@@ -117,11 +117,29 @@ def test_num_trainable_layers_keeps_earlier_layers_frozen(tiny_clip_dir):
         configure_trainable(student, num_trainable_layers=3)
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "maskclip"])
-def test_baseline_modes_cannot_be_distilled(mode, tiny_clip_dir):
+@pytest.mark.parametrize("scheme, mode, unused",
+                         [("coupled", "vanilla", []), ("clipself", "maskclip", ["q_proj", "k_proj"])])
+def test_baseline_paths_train_what_they_read(scheme, mode, unused, tiny_clip_dir, tiny_dinov2_dir):
+    """The ablations (docs/method.md §10) distil the baseline paths (before: refused): vanilla trains its whole last
+    layer, MLP included; maskclip all of it but q and k, which its value path never reads. Every trainable parameter
+    gets a gradient (DDP requires it)."""
+    from training.losses import TRAINING_SCHEMES
+
     student = DeCLIPVisionModel.from_pretrained(tiny_clip_dir, decoupled_attention=mode)
-    with pytest.raises(ValueError, match="TRAINABLE_ATTENTION_MODES"):
-        configure_trainable(student)
+    trainable = set(configure_trainable(student))
+    last_layer = {name for name, _ in student.named_parameters() if name.startswith("encoder.layers.1.")}
+    assert last_layer - trainable == {name for name in last_layer if any(f".{p}." in name for p in unused)}
+    assert "encoder.layers.1.mlp.fc2.weight" in trainable
+    uses_vfm = TRAINING_SCHEMES[scheme].uses_vfm
+    vfms = [FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))] if uses_vfm else []
+    teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(tiny_clip_dir))
+    loss_fn = DeCLIPLoss(teacher_weights=(1.0,) if uses_vfm else ())
+    terms = distill.training_step(_batch(2, seed=2), distill.DenseStudent(student), teacher,
+                                  ContextTeachers(vfms, ["vfm"] * len(vfms)), loss_fn, Accelerator(cpu=True),
+                                  TRAINING_SCHEMES[scheme].context_of)
+    terms["total"].backward()
+    for name, parameter in student.named_parameters():
+        assert (parameter.grad is not None and parameter.grad.abs().sum() > 0) == (name in trainable), name
 
 
 def test_run_length_and_lr_scaling_errors_name_what_to_pass():
@@ -469,7 +487,7 @@ def test_latest_ignores_an_incomplete_checkpoint(uninterrupted_run):
 def test_short_run_lowers_held_out_losses(uninterrupted_run, tiny_clip_dir, tiny_dinov2_dir):
     batch = _batch(4, seed=99)  # images the run never saw
     teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(tiny_clip_dir))
-    vfm = FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))
+    vfm = ContextTeachers([FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))], ["vfm"])
     loss_fn = DeCLIPLoss(context_weight=1.0)
 
     def held_out_losses(checkpoint) -> dict[str, float]:
@@ -510,3 +528,169 @@ def test_real_recipe_config_holds_the_reference_hyper_parameters():
                                                                                     1e-6)
     assert (args.warmup_steps, args.epochs, args.max_steps, args.per_device_batch_size) == (1000, 6, None, 2)
     assert args.ensemble_alpha == 0.7 and args.image_column == "image"
+
+
+# ------------------------------------------------------------------------------------------------ teachers, ensembles,
+# ablations (docs/method.md §9-§10)
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory) -> Path:
+    """The built-in tiny assets: CLIP, DINOv2, DINO (patch 2) and SAM (patch 4) checkpoints, generated images."""
+    return make_tiny_assets(tmp_path_factory.mktemp("assets") / "tiny")
+
+
+def _teacher_argv(assets: Path, run_dir: Path, *teachers: str, steps: int = 12) -> list:
+    argv = _base_argv(assets / "clip", assets / teachers[0], assets / "images", run_dir)
+    argv[argv.index("--vfm") + 1 : argv.index("--vfm") + 2] = [assets / teacher for teacher in teachers]
+    return argv + ["--max_steps", steps, "--per_device_batch_size", 4, "--lr", 2e-3, "--lr_scaling", "none",
+                   "--warmup_steps", 2, "--logging_steps", 4, "--context_weight", 1.0]
+
+
+def _held_out_context(model_dir, teacher_dir: Path, mode: str = "qq") -> float:
+    """The context loss of `model_dir` on images no run saw, against one teacher at its own patch size."""
+    vfm = FrozenVFM(AutoModel.from_pretrained(teacher_dir))
+    config = ViewConfig(student_size=STUDENT_SIZE, student_patch=4, teacher_size=32, vfm_patch=vfm.patch_size,
+                        max_crops=8)
+    rng = np.random.default_rng(99)
+    examples = [make_views(to_rgb(synthetic_image(index, rng)), config, random.Random(index)) for index in range(4)]
+    student = DeCLIPVisionModel.from_pretrained(model_dir, decoupled_attention=mode).eval()
+    with torch.no_grad():
+        dense = student.get_dense_features(torch.stack([example["student"] for example in examples]))
+        vfm_map = vfm(torch.stack([example["vfm"] for example in examples]))
+    return context_loss(dense.context_features, (16, 16), vfm_map).item()
+
+
+@pytest.mark.parametrize("teacher", ["dino", "sam"])
+def test_each_teacher_trains_the_tiny_default_and_its_held_out_context_loss_falls(teacher, tiny_assets, tmp_path):
+    run_dir = tmp_path / teacher
+    summary = _run_in_process(_teacher_argv(tiny_assets, run_dir, teacher))
+    assert summary["finished"] and summary["steps"] == 12
+    before = _held_out_context(tiny_assets / "clip", tiny_assets / teacher)
+    after = _held_out_context(run_dir / "model", tiny_assets / teacher)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_ensemble_flags_are_checked_at_start(tiny_assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(distill, "build_models", lambda *args, **kwargs: pytest.fail("a model was built"))
+    argv = _teacher_argv(tiny_assets, tmp_path / "run", "dinov2", "sam")
+    cases = [(["--vfm_weights", 0.7], "--vfm_weights has 1 value(s) for 2 --vfm teacher(s)"),
+             (["--vfm_weights", 0.7, -0.3], "--vfm_weights must be finite numbers >= 0, got [0.7, -0.3]"),
+             (["--vfm_weights", 0, 0], "--vfm_weights are all 0"),
+             (["--vfm", tiny_assets / "dinov2", tiny_assets / "clip"], "the context teacher must be one of")]
+    for change, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            distill.main([str(arg) for arg in argv + change])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1, error
+
+
+def test_clipself_loads_no_vfm_has_no_context_term_and_saves_the_maskclip_path(tiny_assets, tmp_path, monkeypatch,
+                                                                               capsys):
+    loaded = []
+    original = distill.AutoModel.from_pretrained
+    monkeypatch.setattr(distill.AutoModel, "from_pretrained", lambda name, *a, **k: loaded.append(name) or
+                        original(name, *a, **k))
+    run_dir = tmp_path / "clipself"
+    # The teacher flags of a shared config are ignored, and the records say so.
+    summary = _run_in_process(_teacher_argv(tiny_assets, run_dir, "dinov2", steps=4) + ["--ablation", "clipself"])
+    assert loaded == [] and summary["finished"]
+    assert "--ablation clipself trains the maskclip path without a VFM; ignoring --vfm" in capsys.readouterr().err
+    assert set(summary["final_losses"]) == {"content", "total"}
+    assert all("loss/context" not in record for record in _logs(run_dir))
+    args = json.loads((run_dir / "training_args.json").read_text())["args"]
+    assert (args["ablation"], args["vfm"], args["decoupled_attention"]) == ("clipself", None, "maskclip")
+    assert DeCLIPVisionModel.from_pretrained(run_dir / "model").config.decoupled_attention == "maskclip"
+
+
+def test_coupled_trains_and_saves_the_vanilla_path(tiny_assets, tmp_path):
+    run_dir = tmp_path / "coupled"
+    summary = _run_in_process(_teacher_argv(tiny_assets, run_dir, "dinov2", steps=4) + ["--ablation", "coupled"])
+    assert summary["finished"] and set(summary["final_losses"]) == {"content", "context", "total"}
+    assert DeCLIPVisionModel.from_pretrained(run_dir / "model").config.decoupled_attention == "vanilla"
+    identity = json.loads((run_dir / "training_args.json").read_text())["run_identity"]
+    assert (identity["ablation"], identity["decoupled_attention"]) == ("coupled", "vanilla")
+
+
+@pytest.mark.parametrize("scheme, mode, mlp_gets_both", [("coupled", "vanilla", True), ("none", "qq", False)])
+def test_coupled_backpropagates_both_losses_into_the_same_tokens(scheme, mode, mlp_gets_both, tiny_clip_dir,
+                                                                 tiny_dinov2_dir):
+    """Without decoupling the content and context losses both reach the last layer's MLP (the tokens they share);
+    decoupled, neither does (docs/method.md §10)."""
+    from training.losses import TRAINING_SCHEMES
+
+    teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(tiny_clip_dir))
+    vfm = ContextTeachers([FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))], ["vfm"])
+    batch = _batch(2, seed=4)
+    for weights in ((1.0, 0.0), (0.0, 1.0)):  # content alone, context alone
+        student = DeCLIPVisionModel.from_pretrained(tiny_clip_dir, decoupled_attention=mode)
+        terms = distill.training_step(batch, distill.DenseStudent(student), teacher, vfm, DeCLIPLoss(*weights),
+                                      Accelerator(cpu=True), TRAINING_SCHEMES[scheme].context_of)
+        terms["total"].backward()
+        grad = student.encoder.layers[-1].mlp.fc1.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == mlp_gets_both, weights
+
+
+def _launch_two_processes(argv: list, port: int) -> None:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), "training/distill.py", *map(str, argv)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_two_processes_train_with_sam(tiny_assets, tmp_path):
+    run_dir = tmp_path / "sam"
+    _launch_two_processes(_teacher_argv(tiny_assets, run_dir, "sam", steps=3) + ["--logging_steps", 1,
+                                                                                 "--per_device_batch_size", 2], 29541)
+    logs = _logs(run_dir)
+    assert [record["step"] for record in logs] == [1, 2, 3] and logs[-1]["world_size"] == 2
+    assert all(math.isfinite(record["loss/context"]) for record in logs)
+    assert DeCLIPVisionModel.from_pretrained(run_dir / "model").config.decoupled_attention == "qq"
+
+
+def test_two_processes_train_a_two_teacher_ensemble(tiny_assets, tmp_path):
+    """DINO (patch 2, a 32 px view) and SAM (patch 4, a 64 px view), weighted 0.7 / 0.3, each term logged."""
+    run_dir = tmp_path / "ensemble"
+    argv = _teacher_argv(tiny_assets, run_dir, "dino", "sam", steps=3) + [
+        "--vfm_weights", 0.7, 0.3, "--logging_steps", 1, "--per_device_batch_size", 2]
+    _launch_two_processes(argv, 29542)
+    logs = _logs(run_dir)
+    assert [record["step"] for record in logs] == [1, 2, 3] and logs[-1]["world_size"] == 2
+    for record in logs:
+        dino, sam = record["loss/context/dino"], record["loss/context/sam"]
+        assert record["loss/context"] == pytest.approx(0.7 * dino + 0.3 * sam, rel=1e-5)
+    record = json.loads((run_dir / "training_args.json").read_text())
+    assert record["args"]["vfm"] == [str(tiny_assets / "dino"), str(tiny_assets / "sam")]
+    assert record["run_identity"]["vfm_weights"] == [0.7, 0.3]
+
+
+ABLATION_CONFIGS = {  # file -> (vfm, vfm_weights, ablation, decoupled_attention): what each row of the paper changes
+    "clipself": (None, None, "clipself", "maskclip"),
+    "coupled": ("facebook/dinov2-with-registers-base", None, "coupled", "vanilla"),
+    "dino_b8": ("facebook/dino-vitb8", None, "none", "qq"),
+    "dino_b16": ("facebook/dino-vitb16", None, "none", "qq"),
+    "sam_b": ("facebook/sam-vit-base", None, "none", "qq"),
+    "sam_l": ("facebook/sam-vit-large", None, "none", "qq"),
+    "dinov2_b_reg": ("facebook/dinov2-with-registers-base", None, "none", "qq"),
+    "dinov2_l_reg": ("facebook/dinov2-with-registers-large", None, "none", "qq"),
+    "ensemble_dinov2_sam": (["facebook/dinov2-with-registers-base", "facebook/sam-vit-base"], [0.7, 0.3], "none",
+                            "qq"),
+}
+
+
+def test_ablation_configs_are_the_recipe_with_only_the_teacher_changed():
+    """configs/ablations/*.yaml rerun the paper's Table 1 and Table 6 rows: each is the recipe, one file apart."""
+    assert {path.stem for path in (REPO_ROOT / "configs" / "ablations").glob("*.yaml")} == set(ABLATION_CONFIGS)
+    recipe = vars(distill.parse_args(["--config", str(REPO_ROOT / "configs" / "declip_vitb16_coco.yaml")]))
+    teacher_keys = ("vfm", "vfm_weights", "ablation", "decoupled_attention")
+    for name, expected in ABLATION_CONFIGS.items():
+        path = REPO_ROOT / "configs" / "ablations" / f"{name}.yaml"
+        args = vars(distill.parse_args(["--config", str(path)]))
+        assert tuple(args[key] for key in teacher_keys) == expected, name
+        assert args["output_dir"] == f"outputs/ablations/{name}"
+        changed = {key for key in recipe if recipe[key] != args[key]} - {"config", "output_dir", *teacher_keys}
+        assert not changed, (name, changed)
+        assert f"--config configs/ablations/{name}.yaml" in path.read_text()

@@ -210,3 +210,56 @@ def test_frozen_teachers_have_no_grad_and_half_precision_is_close(tiny_clip_dir,
     vfm = FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir), dtype=torch.bfloat16)
     assert vfm(torch.randn(1, 3, 8, 8)).dtype == torch.float32
     assert not any(p.requires_grad for p in vfm.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------- ensembles
+
+
+def _loss_inputs(seed: int = 5):
+    torch.manual_seed(seed)
+    dense = F.normalize(torch.randn(2, 4, 4, 4), dim=1)
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5]], [[0.25, 0.25, 1.0, 1.0]]])
+    valid = torch.tensor([[True], [True]])
+    teacher = F.normalize(torch.randn(2, 4), dim=-1)
+    context = (torch.randn(2, 16, 8),)
+    return dense, context, boxes, valid, teacher
+
+
+def test_ensemble_context_is_the_weighted_sum_of_per_teacher_terms_each_logged():
+    dense, context, boxes, valid, teacher = _loss_inputs()
+    dino_map, sam_map = torch.randn(2, 6, 4, 4), torch.randn(2, 5, 8, 8)  # SAM at another grid: interpolated
+    loss = DeCLIPLoss(1.0, 0.1, teacher_weights=(0.7, 0.3), teacher_names=("dinov2-base", "sam-vit-base"))
+    terms = loss(dense, context, boxes, valid, teacher, (dino_map, sam_map))
+    assert tuple(terms) == loss.term_names == ("content", "context", "context/dinov2-base", "context/sam-vit-base",
+                                              "total")
+    dino, sam = context_loss(context, (4, 4), dino_map).item(), context_loss(context, (4, 4), sam_map).item()
+    assert (terms["context/dinov2-base"].item(), terms["context/sam-vit-base"].item()) == pytest.approx((dino, sam))
+    assert dino != pytest.approx(sam, abs=1e-3)
+    assert terms["context"].item() == pytest.approx(0.7 * dino + 0.3 * sam)
+    assert terms["total"].item() == pytest.approx(terms["content"].item() + 0.1 * (0.7 * dino + 0.3 * sam))
+    with pytest.raises(ValueError, match="1 VFM feature maps for 2 context teachers"):
+        loss(dense, context, boxes, valid, teacher, (dino_map,))
+
+
+def test_one_teacher_logs_no_per_teacher_term_and_no_teacher_no_context_term():
+    dense, context, boxes, valid, teacher = _loss_inputs()
+    assert DeCLIPLoss().term_names == ("content", "context", "total")
+    clipself = DeCLIPLoss(1.0, 0.1, teacher_weights=())
+    terms = clipself(dense, (), boxes, valid, teacher, ())
+    assert tuple(terms) == clipself.term_names == ("content", "total")
+    assert terms["total"].item() == pytest.approx(content_loss(dense, boxes, valid, teacher).item())
+
+
+def test_coupled_context_is_the_correlation_of_the_projected_dense_tokens():
+    """--ablation coupled: the context loss compares the VFM with the content features themselves."""
+    from declip_hf import DeCLIPDenseOutput
+    from training.losses import TRAINING_SCHEMES
+
+    dense = F.normalize(torch.randn(2, 4, 3, 5), dim=1)
+    output = DeCLIPDenseOutput(dense_embeds=dense, context_features=())
+    (tokens,) = TRAINING_SCHEMES["coupled"].context_of(output)
+    assert tokens.shape == (2, 15, 4)
+    torch.testing.assert_close(tokens[1, 5 + 2], dense[1, :, 1, 2])  # row-major: row 1, column 2
+    assert TRAINING_SCHEMES["clipself"].context_of(output) == ()
+    assert (TRAINING_SCHEMES["clipself"].dense_path, TRAINING_SCHEMES["coupled"].dense_path) == ("maskclip", "vanilla")
+    assert not TRAINING_SCHEMES["clipself"].uses_vfm and TRAINING_SCHEMES["coupled"].uses_vfm

@@ -3,7 +3,7 @@
 A source (Hub id, local image folder, parquet files or webdataset shards) is opened as a streaming
 `datasets.IterableDataset` whose image column is left undecoded; every process takes a disjoint part of it
 (`shard_for_process`); `ImageViewsDataset` decodes each image in our own code (so a bad file is counted and skipped,
-never fatal) and turns it into the three views of training/views.py; `make_dataloader` batches them.
+never fatal) and turns it into the training views of training/views.py; `make_dataloader` batches them.
 
 Every skipped image is counted under one of `SKIP_REASONS`: "missing" (empty cell, unreadable path), "undecodable"
 (not an image, or corrupt data), "truncated" (the file ends early), "too_large" (more than `MAX_DECODED_PIXELS`
@@ -49,7 +49,8 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from training.views import MIN_IMAGE_SIDE, SKIP_REASONS, UnusableImage, ViewConfig, make_views, to_rgb
 
-VIEW_KEYS = ("student", "crops", "boxes", "crop_valid", "vfm")
+# The views every example has; each context teacher's view ("vfm", "vfm_1", ...) comes on top (training/views.py).
+VIEW_KEYS = ("student", "crops", "boxes", "crop_valid")
 # Per-example bookkeeping that travels with the views so nothing is lost inside dataloader workers.
 POSITION_KEYS = ("worker", "num_workers", "stream_position")
 
@@ -443,7 +444,7 @@ def _worker_slot() -> tuple[int, int]:
 
 
 class ImageViewsDataset(torch.utils.data.IterableDataset):
-    """The three views (training/views.py) of every usable image of this rank's stream; unusable ones are counted.
+    """The training views (training/views.py) of every usable image of this rank's stream; unusable ones are counted.
 
     Each example is a dict of the view tensors (`VIEW_KEYS`) plus "skipped", the (len(SKIP_REASONS),) counts of
     images skipped since the previous example of the same worker, and the `POSITION_KEYS` scalars that
@@ -570,7 +571,8 @@ class ImageViewsDataset(torch.utils.data.IterableDataset):
 
 def collate_views(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack the views; sum the skip counts; keep the batch's position (all examples come from one worker)."""
-    batch = {key: torch.stack([example[key] for example in examples]) for key in VIEW_KEYS}
+    view_keys = [key for key in examples[0] if key not in ("skipped", *POSITION_KEYS)]  # VIEW_KEYS + VFM views
+    batch = {key: torch.stack([example[key] for example in examples]) for key in view_keys}
     batch["skipped"] = torch.stack([example["skipped"] for example in examples]).sum(dim=0)
     workers = {int(example["worker"]) for example in examples}
     if len(workers) != 1:

@@ -1,7 +1,9 @@
 """DeCLIP distillation with Accelerate (CVPR 2025, arXiv 2505.04410; docs/method.md §3-5).
 
 Turns a CLIP into a DeCLIP: the student's decoupled last layer learns content from the frozen starting CLIP (RoI
-features of grid crops vs. the teacher's crop embeddings) and context from a frozen DINOv2 (patch correlations).
+features of grid crops vs. the teacher's crop embeddings) and context from frozen vision foundation models (patch
+correlations of a DINOv2, DINO or SAM, or a weighted ensemble of them; docs/method.md §9). `--ablation clipself` and
+`--ablation coupled` train the paper's two baselines instead (docs/method.md §10).
 
     accelerate launch training/distill.py --config configs/tiny.yaml
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 \\
@@ -64,14 +66,14 @@ from training.data import (
 )
 from training.evaluation import EvaluationFailed, TrainingEvaluator, add_evaluation_arguments, evaluation_specs
 from training.export import save_model
-from training.losses import DeCLIPLoss
+from training.losses import TRAINING_SCHEMES, DeCLIPLoss, TrainingScheme, decoupled_context
 from training.optim import LR_SCALINGS, build_optimizer, build_scheduler, configure_trainable, scaled_learning_rate
 from training.optim import total_update_steps
-from training.progress import LOSS_NAMES, EpochImageCounts, TrainingProgress
+from training.progress import EpochImageCounts, TrainingProgress
 from training.run_folder import claim_output_dir, resumable_args
-from training.teachers import FrozenCLIPTeacher, FrozenVFM, check_vfm_config
+from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM, vfm_patch_size
 from training.tiny_assets import make_tiny_assets
-from training.views import ViewConfig
+from training.views import ViewConfig, VFMView
 
 FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STUDENT_MODEL_TYPES = ("clip", "clip_vision_model", DeCLIPVisionConfig.model_type)
@@ -112,15 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     flag = argparse.BooleanOptionalAction
     add("--config", help="YAML file whose keys are these flags' names (without --); command-line flags override it.")
-    add("--make_tiny_assets", metavar="DIR", help="Write tiny random CLIP/DINOv2 checkpoints (DIR/clip, DIR/dinov2) "
-        "and generated parquet images (DIR/images) there if DIR does not exist yet; for the built-in demo config.")
+    add("--make_tiny_assets", metavar="DIR", help="Write tiny random CLIP/DINOv2/DINO/SAM checkpoints (DIR/clip, "
+        "DIR/dinov2, DIR/dino, DIR/sam) and generated parquet images (DIR/images) there if DIR does not exist yet; "
+        "for the built-in demo config.")
     # Models
     add("--student", help="The CLIP to distil: Hub id or folder of a CLIPModel, CLIPVisionModelWithProjection or "
         "DeCLIP checkpoint (e.g. openai/clip-vit-base-patch16). Also the frozen content teacher.")
-    add("--vfm", help="The frozen context teacher: Hub id or folder of a Dinov2Model or Dinov2WithRegistersModel "
-        "(e.g. facebook/dinov2-base). Its CLS and register tokens are dropped.")
-    add("--decoupled_attention", default="qq", choices=TRAINABLE_ATTENTION_MODES,
-        help="The decoupled last layer's attention (docs/method.md §1): qq, kk, vv, csa (qq + kk weights) or all.")
+    add("--vfm", nargs="+", help="The frozen context teacher(s) (docs/method.md §9): Hub ids or folders of a DINOv2 "
+        "with or without registers (facebook/dinov2-base), a DINO ViTModel (facebook/dino-vitb16) or a SAM "
+        "(facebook/sam-vit-base). Several: the context loss is their weighted sum (see --vfm_weights).")
+    add("--vfm_weights", nargs="+", type=float, help="One weight >= 0 per --vfm teacher (default: equal weights "
+        "summing to 1); the context loss is sum_i w_i L_context,i, each term logged as loss/context/<name>.")
+    add("--ablation", default="none", choices=tuple(TRAINING_SCHEMES), help="none: DeCLIP. The paper's baselines "
+        "(docs/method.md §10): clipself (content loss only on the maskclip path, no VFM; --vfm is ignored) or "
+        "coupled (the vanilla path, the context loss on the same projected dense tokens). Sets the student's path.")
+    add("--decoupled_attention", choices=TRAINABLE_ATTENTION_MODES, help="The decoupled last layer's attention "
+        "(docs/method.md §1): qq, kk, vv, csa (qq + kk weights) or all (default: qq). An --ablation sets its own.")
     add("--frozen_dtype", default="float32", choices=tuple(FROZEN_DTYPES),
         help="Precision of the frozen teacher and VFM weights (bfloat16/float16 halve their memory).")
     # Data
@@ -217,7 +226,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             config_argv = yaml_to_argv(read_yaml_config(Path(known.config)), parser)
         except (OSError, ValueError, yaml.YAMLError) as error:
             parser.error(f"--config {known.config}: {error}")
-    return parser.parse_args(config_argv + argv)  # later tokens win: the command line overrides the file
+    args = parser.parse_args(config_argv + argv)  # later tokens win: the command line overrides the file
+    return resolve_scheme(args)
+
+
+def resolve_scheme(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in what `--ablation` decides, so that the recorded arguments (and the run identity) say what the run
+    trains: the student's path (`decoupled_attention`, also saved in the model's config) and, for clipself, no VFM.
+    Settings the ablation overrides are named on stderr."""
+    scheme = TRAINING_SCHEMES[args.ablation]
+    ignored = []
+    if scheme.dense_path is not None:
+        if args.decoupled_attention is not None:
+            ignored.append(f"--decoupled_attention {args.decoupled_attention}")
+        args.decoupled_attention = scheme.dense_path
+    elif args.decoupled_attention is None:
+        args.decoupled_attention = "qq"
+    if not scheme.uses_vfm:
+        ignored += [f"--{name} {' '.join(map(str, getattr(args, name)))}" for name in ("vfm", "vfm_weights")
+                    if getattr(args, name)]
+        args.vfm = args.vfm_weights = None
+    # One teacher is recorded as a plain string, as before ensembles existed (resume identity, model cards).
+    if args.vfm is not None and len(args.vfm) == 1:
+        args.vfm = args.vfm[0]
+    if ignored and is_first_process():
+        print(f"Note: --ablation {args.ablation} trains the {args.decoupled_attention} path"
+              f"{' without a VFM' if not scheme.uses_vfm else ''}; ignoring {', '.join(ignored)}.", file=sys.stderr)
+    return args
+
+
+def vfm_names(args: argparse.Namespace) -> list[str]:
+    """The context teachers of the run, in --vfm order (none for the clipself ablation)."""
+    if args.vfm is None:
+        return []
+    return [args.vfm] if isinstance(args.vfm, str) else list(args.vfm)
+
+
+def teacher_weights(args: argparse.Namespace) -> tuple[float, ...]:
+    """--vfm_weights, or equal weights summing to 1."""
+    count = len(vfm_names(args))
+    if args.vfm_weights is not None:
+        return tuple(args.vfm_weights)
+    return tuple(1.0 / count for _ in range(count))  # () for the clipself ablation: no context term
+
+
+def teacher_names(args: argparse.Namespace) -> tuple[str, ...]:
+    """Short names of the context teachers for their loss terms: the Hub id's or folder's last part, numbered when
+    two share one."""
+    names = [Path(name.rstrip("/")).name or name for name in vfm_names(args)]
+    return tuple(name if names.count(name) == 1 else f"{name}_{index}" for index, name in enumerate(names))
 
 
 def read_yaml_config(path: Path) -> dict:
@@ -241,12 +298,14 @@ class RunPlan:
     view_config: ViewConfig
     images_per_epoch: int | None
     resume_path: Path | None
+    vfm_view_keys: list[str]  # the batch key of each context teacher's view, in --vfm order
     evaluation_specs: tuple[list, list] = ([], [])  # (segmentation, region) specs of --eval_every
 
 
 def check_args(args: argparse.Namespace) -> RunPlan:
     """Raise ValueError with what to change if the arguments cannot make a run."""
-    for name in ("student", "vfm", "dataset"):
+    required = ("student", "vfm", "dataset") if TRAINING_SCHEMES[args.ablation].uses_vfm else ("student", "dataset")
+    for name in required:
         if not getattr(args, name):
             raise ValueError(f"--{name} is required (on the command line or in the --config file).")
     _check_numbers(args)
@@ -257,10 +316,9 @@ def check_args(args: argparse.Namespace) -> RunPlan:
         raise ValueError(f"--student {args.student!r} is a {student_config.model_type!r} model; give a CLIP "
                          f"checkpoint ({', '.join(STUDENT_MODEL_TYPES)}).")
     student_config = DeCLIPVisionConfig.from_pretrained(args.student)
-    vfm_config = _read_config(args.vfm, "--vfm")
-    check_vfm_config(vfm_config, args.vfm)
+    vfm_views = [_vfm_view(name) for name in vfm_names(args)]  # also checks each is a supported VFM
     _check_model_numbers(args, student_config)
-    view_config = _view_config(args, student_config, vfm_config)
+    view_config, vfm_view_keys = _view_config(args, student_config, vfm_views)
     try:
         stream = open_image_stream(args.dataset, args.split, args.image_column, data_files=args.data_files)
     except OSError as error:  # e.g. a Hub id that cannot be reached
@@ -269,7 +327,7 @@ def check_args(args: argparse.Namespace) -> RunPlan:
     if args.max_steps is None and images_per_epoch is None:
         raise ValueError(f"The size of {args.dataset!r} is unknown while streaming: give --max_steps, or "
                          f"--images_per_epoch with --epochs.")
-    return RunPlan(view_config, images_per_epoch, _resume_path(args), evaluation_specs(args))
+    return RunPlan(view_config, images_per_epoch, _resume_path(args), vfm_view_keys, evaluation_specs(args))
 
 
 def _resume_path(args: argparse.Namespace) -> Path | None:
@@ -322,6 +380,22 @@ def _check_numbers(args: argparse.Namespace) -> None:
                          "one a positive weight (the recipe: 1.0 and 0.1).")
     if args.stop_after_steps is not None and args.checkpointing_steps is None:
         raise ValueError("--stop_after_steps needs --checkpointing_steps, so that the run can be resumed.")
+    _check_vfm_weights(args)
+
+
+def _check_vfm_weights(args: argparse.Namespace) -> None:
+    if args.vfm_weights is None:
+        return
+    names = vfm_names(args)
+    if len(args.vfm_weights) != len(names):
+        raise ValueError(f"--vfm_weights has {len(args.vfm_weights)} value(s) for {len(names)} --vfm teacher(s); "
+                         f"give one weight per teacher, in the same order (e.g. --vfm_weights "
+                         f"{' '.join(['0.5'] * len(names)) or '1.0'}).")
+    if not all(math.isfinite(weight) and weight >= 0 for weight in args.vfm_weights):
+        raise ValueError(f"--vfm_weights must be finite numbers >= 0, got {args.vfm_weights}.")
+    if sum(args.vfm_weights) == 0:
+        raise ValueError("--vfm_weights are all 0: no context teacher would count; give at least one a positive "
+                         "weight, or train without VFM with --ablation clipself.")
 
 
 def _check_optimiser_numbers(args: argparse.Namespace) -> None:
@@ -357,24 +431,37 @@ def check_output_dir_usable(run_dir: Path) -> None:
                          f"choose a folder you can write to.")
 
 
-def _view_config(args: argparse.Namespace, student_config, vfm_config) -> ViewConfig:
+def _vfm_view(name: str) -> VFMView:
+    """A context teacher's view: the patch size its adapter reads from its config, its processor's normalisation
+    (ImageNet's when it has none)."""
+    patch = vfm_patch_size(_read_config(name, "--vfm"), name)
+    mean, std = image_normalisation(name, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    return VFMView(patch, mean, std)
+
+
+def _view_config(args: argparse.Namespace, student_config, vfm_views: list[VFMView]) -> tuple[ViewConfig, list[str]]:
+    """The views and, per context teacher, the key of its view: teachers with the same patch size and normalisation
+    (e.g. DINOv2-B and -L) share one."""
     clip_mean, clip_std = image_normalisation(args.student)
-    vfm_mean, vfm_std = image_normalisation(args.vfm, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    distinct = list(dict.fromkeys(vfm_views))  # in first-use order
+    first = {"vfm_patch": distinct[0].patch, "vfm_mean": distinct[0].mean, "vfm_std": distinct[0].std} if distinct \
+        else {"vfm_patch": None}
     try:
-        return ViewConfig(
+        view_config = ViewConfig(
             student_size=args.student_size,
             student_patch=student_config.patch_size,
             teacher_size=student_config.image_size if args.teacher_size is None else args.teacher_size,
-            vfm_patch=vfm_config.patch_size,
             max_split=args.max_split,
             max_crops=args.max_crops,
             clip_mean=clip_mean,
             clip_std=clip_std,
-            vfm_mean=vfm_mean,
-            vfm_std=vfm_std,
+            extra_vfm_views=tuple(distinct[1:]),
+            **first,
         )
     except ValueError as error:
         raise ValueError(f"--student_size/--teacher_size/--max_split/--max_crops: {error}") from error
+    keys = list(view_config.vfm_views)
+    return view_config, [keys[distinct.index(view)] for view in vfm_views]
 
 
 def _declared_size(stream, split: str) -> int | None:
@@ -398,8 +485,9 @@ class DenseStudent(nn.Module):
         return self.model.get_dense_features(pixel_values)
 
 
-def build_models(args: argparse.Namespace, device: torch.device):
-    """(student, CLIP teacher, VFM). Only the student trains; the frozen two go to `device` and stay unwrapped."""
+def build_models(args: argparse.Namespace, device: torch.device, vfm_view_keys: list[str]):
+    """(student, CLIP teacher, context teachers). Only the student trains, on the path `args.decoupled_attention`
+    (set by `resolve_scheme`); the frozen teachers go to `device` and stay unwrapped."""
     student = DeCLIPVisionModel.from_pretrained(args.student, decoupled_attention=args.decoupled_attention)
     configure_trainable(student, args.num_trainable_layers)
     if args.gradient_checkpointing:
@@ -407,8 +495,8 @@ def build_models(args: argparse.Namespace, device: torch.device):
     student.train()
     frozen_dtype = FROZEN_DTYPES[args.frozen_dtype]
     teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(args.student), frozen_dtype).to(device)
-    vfm = FrozenVFM(AutoModel.from_pretrained(args.vfm), frozen_dtype).to(device)
-    return student, teacher, vfm
+    vfms = [FrozenVFM(AutoModel.from_pretrained(name), frozen_dtype) for name in vfm_names(args)]
+    return student, teacher, ContextTeachers(vfms, vfm_view_keys).to(device)
 
 
 def build_dataset(args: argparse.Namespace, plan: RunPlan, accelerator: Accelerator) -> ImageViewsDataset:
@@ -423,15 +511,17 @@ def build_dataset(args: argparse.Namespace, plan: RunPlan, accelerator: Accelera
     return ImageViewsDataset(stream, args.image_column, plan.view_config, args.seed, rank=accelerator.process_index)
 
 
-def training_step(batch: dict, student: nn.Module, teacher: FrozenCLIPTeacher, vfm: FrozenVFM, loss_fn: DeCLIPLoss,
-                  accelerator: Accelerator) -> dict[str, torch.Tensor]:
-    """The loss terms of one batch (§4): teachers without grad, the student through its (DDP) forward."""
+def training_step(batch: dict, student: nn.Module, teacher: FrozenCLIPTeacher, context_teachers: ContextTeachers,
+                  loss_fn: DeCLIPLoss, accelerator: Accelerator,
+                  context_of=decoupled_context) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch (§4): teachers without grad, the student through its (DDP) forward.
+    `context_of` picks the student features of the context loss (the --ablation's, `TrainingScheme.context_of`)."""
     with accelerator.autocast():
         teacher_embeds = teacher(batch["crops"][batch["crop_valid"]])  # (K valid crops, D), normalised
-        vfm_map = vfm(batch["vfm"])  # (B, C_vfm, g, g)
+        vfm_maps = context_teachers(batch)  # one (B, C_i, g, g) per teacher
     dense = student(batch["student"])
-    return loss_fn(dense.dense_embeds, dense.context_features, batch["boxes"], batch["crop_valid"], teacher_embeds,
-                   vfm_map)
+    return loss_fn(dense.dense_embeds, context_of(dense), batch["boxes"], batch["crop_valid"], teacher_embeds,
+                   vfm_maps)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -513,7 +603,7 @@ class Run:
     identity: dict
     student: nn.Module  # the prepared DenseStudent
     teacher: FrozenCLIPTeacher
-    vfm: FrozenVFM
+    context_teachers: ContextTeachers
     loss_fn: DeCLIPLoss
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -521,6 +611,7 @@ class Run:
     position: StreamPosition
     progress: TrainingProgress
     total_steps: int
+    scheme: TrainingScheme = TRAINING_SCHEMES["none"]
     nonfinite_in_update: bool = False  # a micro-batch of the current update had a non-finite loss (skip mode)
     evaluator: TrainingEvaluator | None = None  # --eval_every
 
@@ -529,7 +620,7 @@ def setup_run(args: argparse.Namespace, argv: list[str], plan: RunPlan, accelera
               identity: dict) -> Run:
     run_dir = Path(args.output_dir)
     set_seed(args.seed)
-    student, teacher, vfm = build_models(args, accelerator.device)
+    student, teacher, context_teachers = build_models(args, accelerator.device, plan.vfm_view_keys)
     total_batch = args.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     total_steps = total_update_steps(args.max_steps, args.epochs, plan.images_per_epoch, total_batch)
     lr = scaled_learning_rate(args.lr, total_batch, args.lr_scaling)
@@ -550,14 +641,16 @@ def setup_run(args: argparse.Namespace, argv: list[str], plan: RunPlan, accelera
             print(f"Resuming from {plan.resume_path.name} (update {progress_state['step']} of {total_steps}, "
                   f"epoch {position.epoch}).")
         write_training_args(run_dir / "training_args.json", args, argv, accelerator, identity, summary={})
-    progress = TrainingProgress(accelerator, run_dir / "logs.jsonl", total_steps, args.logging_steps, progress_state)
+    loss_fn = DeCLIPLoss(args.content_weight, args.context_weight, teacher_weights(args), teacher_names(args))
+    progress = TrainingProgress(accelerator, run_dir / "logs.jsonl", total_steps, args.logging_steps, progress_state,
+                                loss_names=loss_fn.term_names)
     progress.epoch_images = EpochImageCounts(epoch_images)
     accelerator.init_trackers("declip_distill", config=_tracker_config(args))
-    loss_fn = DeCLIPLoss(args.content_weight, args.context_weight)
     evaluator = TrainingEvaluator(args, plan.evaluation_specs, accelerator, student, run_dir,
                                   resuming=plan.resume_path is not None)
-    return Run(args, argv, accelerator, run_dir, identity, prepared, teacher, vfm, loss_fn, optimizer, scheduler,
-               dataset, position, progress, total_steps, evaluator=evaluator)
+    return Run(args, argv, accelerator, run_dir, identity, prepared, teacher, context_teachers, loss_fn, optimizer,
+               scheduler, dataset, position, progress, total_steps, scheme=TRAINING_SCHEMES[args.ablation],
+               evaluator=evaluator)
 
 
 def startup_summary(args: argparse.Namespace, accelerator: Accelerator, total_batch: int, lr: float,
@@ -566,8 +659,18 @@ def startup_summary(args: argparse.Namespace, accelerator: Accelerator, total_ba
             f"{args.per_device_batch_size} images per device x {accelerator.num_processes} x "
             f"{args.gradient_accumulation_steps} accumulation = total batch {total_batch}; lr {args.lr:g} -> "
             f"{lr:.3g} ({args.lr_scaling} scaling); {total_steps} updates ({args.warmup_steps} warmup); precision "
-            f"{accelerator.mixed_precision}; teachers: {args.student} (content), {args.vfm} (context), "
-            f"{args.frozen_dtype}.")
+            f"{accelerator.mixed_precision}; teachers: {args.student} (content), {_context_description(args)}, "
+            f"{args.frozen_dtype}; student path {args.decoupled_attention}.")
+
+
+def _context_description(args: argparse.Namespace) -> str:
+    names = vfm_names(args)
+    if not names:
+        return f"no context teacher (--ablation {args.ablation})"
+    if len(names) == 1:
+        return f"{names[0]} (context)"
+    weights = teacher_weights(args)
+    return "context ensemble " + " + ".join(f"{weight:g} x {name}" for weight, name in zip(weights, names))
 
 
 def _tracker_config(args: argparse.Namespace) -> dict:
@@ -647,7 +750,8 @@ def run_one_batch(run: Run, batch: dict, epoch: int) -> bool:
     skipped = batch.pop("skipped")
     batch = to_device(batch, accelerator.device)
     with accelerator.accumulate(run.student):
-        terms = training_step(batch, run.student, run.teacher, run.vfm, run.loss_fn, accelerator)
+        terms = training_step(batch, run.student, run.teacher, run.context_teachers, run.loss_fn, accelerator,
+                              run.scheme.context_of)
         finite = all_processes_finite(terms, accelerator)
         if finite:
             accelerator.backward(terms["total"])
@@ -671,12 +775,12 @@ def run_one_batch(run: Run, batch: dict, epoch: int) -> bool:
 
 def all_processes_finite(terms: dict[str, torch.Tensor], accelerator: Accelerator) -> bool:
     """Whether every process's loss terms are finite (all processes must take the same branch)."""
-    finite = torch.stack([terms[name].detach().float() for name in LOSS_NAMES]).isfinite().all()
+    finite = torch.stack([term.detach().float() for term in terms.values()]).isfinite().all()
     return bool(accelerator.gather(finite.to(torch.int64).reshape(1)).min())
 
 
 def on_nonfinite_loss(run: Run, terms: dict[str, torch.Tensor], epoch: int) -> None:
-    values = ", ".join(f"{name} {terms[name].item():.4g}" for name in LOSS_NAMES)
+    values = ", ".join(f"{name} {term.item():.4g}" for name, term in terms.items())
     where = f"update {run.progress.step + 1} (epoch {epoch})"
     if run.args.on_nonfinite == "stop":
         message = (f"Non-finite loss at {where}: {values} (on this process; some process had NaN/inf). The run "

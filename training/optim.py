@@ -24,21 +24,29 @@ def scaled_learning_rate(lr: float, total_batch: int, scaling: str) -> float:
     return LR_SCALINGS[scaling](lr, total_batch)
 
 
-def unused_last_layer_modules(student: DeCLIPVisionModel) -> list[str]:
-    """Submodules of the last encoder layer that the decoupled path never reads.
+# The baselines' last layer (the ablations, docs/method.md §10): `vanilla` is CLIP's whole layer, so every part of
+# it trains (both losses flow into it), as in the authors' `sanity_check` mode, whose freeze list for their EVA
+# students holds only `logit_scale`; `maskclip` replaces attention by the value path, so q and k are never read.
+BASELINE_UNUSED_MODULES = {"vanilla": [], "maskclip": ["self_attn.q_proj", "self_attn.k_proj"]}
 
-    Distillation only runs `get_dense_features`, whose last layer is attention without residual or MLP: the MLP and
-    `layer_norm2` get no gradient, and neither do the projections the mode's attention weights are not built from
-    (k in `qq`, q in `kk`, q and k in `vv`; the value projection is always used). Left trainable they would make DDP
-    fail ("parameters that were not used in producing loss") and AdamW would skip them anyway, so freezing them
-    changes nothing in the result.
+
+def unused_last_layer_modules(student: DeCLIPVisionModel) -> list[str]:
+    """Submodules of the last encoder layer that the dense path never reads.
+
+    Distillation only runs `get_dense_features`, whose decoupled last layer is attention without residual or MLP: the
+    MLP and `layer_norm2` get no gradient, and neither do the projections the mode's attention weights are not built
+    from (k in `qq`, q in `kk`, q and k in `vv`; the value projection is always used). Left trainable they would make
+    DDP fail ("parameters that were not used in producing loss") and AdamW would skip them anyway, so freezing them
+    changes nothing in the result. The baselines: see `BASELINE_UNUSED_MODULES`.
     """
     mode = student.config.decoupled_attention
+    if mode in BASELINE_UNUSED_MODULES:
+        return list(BASELINE_UNUSED_MODULES[mode])
     if mode not in TRAINABLE_ATTENTION_MODES:
-        # The baselines (vanilla, maskclip) have no context features, so nothing is distilled into them.
         raise ValueError(
             f"decoupled_attention={mode!r} cannot be distilled; expected one of "
-            f"declip_hf.TRAINABLE_ATTENTION_MODES={TRAINABLE_ATTENTION_MODES}."
+            f"declip_hf.TRAINABLE_ATTENTION_MODES={TRAINABLE_ATTENTION_MODES} or a baseline "
+            f"({', '.join(BASELINE_UNUSED_MODULES)}, through distill's --ablation)."
         )
     used = student.decoupled_path.projection_names
     return ["mlp", "layer_norm2"] + [f"self_attn.{name}_proj" for name in ("q", "k") if name not in used]

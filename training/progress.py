@@ -65,10 +65,14 @@ class TrainingProgress:
         total_steps (`int`): optimizer updates of the whole run (for the bar).
         logging_steps (`int`): write a record every this many updates.
         state (`dict`, *optional*): `state_dict()` of a previous run to continue from.
+        loss_names (`tuple[str]`, *optional*, defaults to `LOSS_NAMES`): the loss terms to record (the loss's
+            `term_names`: no context term without a VFM, one term per teacher of an ensemble).
     """
 
-    def __init__(self, accelerator, log_path: Path, total_steps: int, logging_steps: int, state: dict | None = None):
+    def __init__(self, accelerator, log_path: Path, total_steps: int, logging_steps: int, state: dict | None = None,
+                 loss_names: tuple[str, ...] = LOSS_NAMES):
         self.accelerator = accelerator
+        self.loss_names = tuple(loss_names)
         self.log_path = Path(log_path)
         self.logging_steps = logging_steps
         state = state or {}
@@ -82,7 +86,7 @@ class TrainingProgress:
         self._reset_window()
         # Losses in float32 and counts in int64: float64 cannot be all-reduced on every accelerator (MPS, XLA).
         # Counts: finite micro-batches, images, then one per skip reason.
-        self._pending_losses = torch.zeros(len(LOSS_NAMES), dtype=torch.float32)
+        self._pending_losses = torch.zeros(len(self.loss_names), dtype=torch.float32)
         self._pending_counts = torch.zeros(2 + len(SKIP_REASONS), dtype=torch.int64)
         self.epoch_images = EpochImageCounts()
         if accelerator.is_main_process:
@@ -107,7 +111,7 @@ class TrainingProgress:
     def _reset_window(self) -> None:
         self.window_start = time.monotonic()
         self.window_images = 0
-        self.window_sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
+        self.window_sums = torch.zeros(len(self.loss_names), dtype=torch.float64)
         self.window_micro_batches = 0
 
     def add_micro_batch(self, terms: dict[str, torch.Tensor], batch_size: int, skipped: torch.Tensor,
@@ -116,7 +120,7 @@ class TrainingProgress:
         images used and images skipped."""
         if finite:
             # One device-to-host copy for all terms, not one sync per `.item()`.
-            self._pending_losses += torch.stack([terms[name].detach().float() for name in LOSS_NAMES]).cpu()
+            self._pending_losses += torch.stack([terms[name].detach().float() for name in self.loss_names]).cpu()
         counts = torch.tensor([int(finite), batch_size], dtype=torch.int64)
         self._pending_counts += torch.cat([counts, skipped.cpu().to(torch.int64)])
         self.epoch_images.add(batch_size, int(skipped.sum()))
@@ -148,7 +152,7 @@ class TrainingProgress:
         # No finite micro-batch in the window (all skipped as non-finite): no average to report.
         self.last_losses = {
             name: float(value) / self.window_micro_batches if self.window_micro_batches else None
-            for name, value in zip(LOSS_NAMES, self.window_sums)
+            for name, value in zip(self.loss_names, self.window_sums)
         }
         record = {
             "step": self.step,
@@ -166,7 +170,7 @@ class TrainingProgress:
         if self.accelerator.is_main_process:
             self._append(record)
             self.bar.set_postfix(
-                **{name: _short(record[f"loss/{name}"]) for name in ("content", "context")},
+                **{name: _short(record[f"loss/{name}"]) for name in ("content", "context") if name in self.loss_names},
                 lr=f"{lr:.2e}",
                 img_s=f"{record['images_per_s']:.2f}",
                 skipped=record["skipped_total"],

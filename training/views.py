@@ -1,8 +1,8 @@
-"""The three training views of one image for DeCLIP distillation (CVPR 2025, arXiv 2505.04410), §3 of the method.
+"""The training views of one image for DeCLIP distillation (CVPR 2025, arXiv 2505.04410), §3 of the method.
 
 From a decoded RGB image: the student view (letterboxed, CLIP-normalised), up to `max_crops` grid crops for the
-frozen CLIP teacher together with their boxes in the student frame, and the VFM view whose patch grid equals the
-student's.
+frozen CLIP teacher together with their boxes in the student frame, and one view per context teacher (VFM) whose
+patch grid equals the student's, at that teacher's patch size (none for the clipself ablation; docs/method.md §9).
 
 Choices the paper leaves open (docs/method.md §3 and its section on where we differ), following the authors' recipe
 (CLIPSelf / DeCLIP `GridDistillDataset` with open_clip's `ResizeLongest` / `ResizeMaxSize` transforms) unless said
@@ -50,33 +50,39 @@ class UnusableImage(ValueError):
 
 @dataclass
 class ViewConfig:
-    """Sizes and normalisation of the three views.
+    """Sizes and normalisation of the views.
 
     Args:
         student_size (`int`, *optional*, defaults to 560): side of the square student input.
         student_patch (`int`, *optional*, defaults to 16): the student's patch size; `student_size` must be a multiple.
         teacher_size (`int`, *optional*, defaults to 224): side of the square teacher crops.
-        vfm_patch (`int`, *optional*, defaults to 14): the VFM's patch size; the VFM view is `vfm_size` square.
+        vfm_patch (`int` or `None`, *optional*, defaults to 14): the (first) VFM's patch size; its view, key
+            "vfm", is `vfm_size` square. `None`: no VFM view (the clipself ablation, docs/method.md §10).
         max_split (`int`, *optional*, defaults to 6): the largest number of grid rows or columns.
         max_crops (`int`, *optional*, defaults to 20): crops kept per image (tensors are padded to this many).
         clip_mean, clip_std (`tuple[float]`, *optional*, default to OpenAI CLIP's): student and teacher normalisation.
         vfm_mean, vfm_std (`tuple[float]`, *optional*, default to ImageNet's): VFM normalisation.
+        extra_vfm_views (`tuple[VFMView]`, *optional*, defaults to none): the views of further context teachers
+            with another patch size or normalisation (an ensemble, docs/method.md §9), keys "vfm_1", "vfm_2", ...
     """
 
     student_size: int = 560
     student_patch: int = 16
     teacher_size: int = 224
-    vfm_patch: int = 14
+    vfm_patch: int | None = 14
     max_split: int = 6
     max_crops: int = 20
     clip_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN)
     clip_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD)
     vfm_mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
     vfm_std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
+    extra_vfm_views: tuple["VFMView", ...] = ()
 
     def __post_init__(self):
+        if self.vfm_patch is None and self.extra_vfm_views:
+            raise ValueError("extra_vfm_views need a first VFM view (vfm_patch).")
         for name in ("student_size", "student_patch", "teacher_size", "vfm_patch", "max_split", "max_crops"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.student_size % self.student_patch != 0:
             lower = self.student_size - self.student_size % self.student_patch
@@ -99,11 +105,38 @@ class ViewConfig:
         return self.grid_size * self.vfm_patch
 
     @property
+    def vfm_views(self) -> dict[str, "VFMView"]:
+        """Every VFM view by its batch key: "vfm" (the first), then "vfm_1", "vfm_2", ... (`extra_vfm_views`)."""
+        if self.vfm_patch is None:
+            return {}
+        first = VFMView(self.vfm_patch, self.vfm_mean, self.vfm_std)
+        return {"vfm": first, **{f"vfm_{index}": view for index, view in enumerate(self.extra_vfm_views, start=1)}}
+
+    @property
     def source_side(self) -> int:
         """The longest image side the views can use (1344 by default): the student and VFM views need their own
         side, and a grid cell, whose long side is at least 1 / `max_split` of the image's, needs `teacher_size` there.
         Larger images lose nothing by being decoded smaller (training/data.py `decode_image`)."""
-        return max(self.student_size, self.vfm_size, self.teacher_size * self.max_split)
+        vfm_sizes = [self.grid_size * view.patch for view in self.vfm_views.values()]
+        return max(self.student_size, *vfm_sizes, self.teacher_size * self.max_split)
+
+
+@dataclass(frozen=True)
+class VFMView:
+    """One context teacher's view: the student view's grid at this teacher's patch size, letterboxed the same way.
+
+    Args:
+        patch (`int`): the teacher's patch size; the view is (student grid x patch) px square.
+        mean, std (`tuple[float]`, *optional*, default to ImageNet's): its normalisation.
+    """
+
+    patch: int
+    mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
+    std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
+
+    def __post_init__(self):
+        if self.patch < 1:
+            raise ValueError(f"A VFM view's patch size must be a positive integer, got {self.patch}")
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -210,14 +243,18 @@ def make_grid_crops(
 
 
 def make_views(image: PIL.Image.Image, config: ViewConfig, rng: random.Random) -> dict[str, torch.Tensor]:
-    """The three views of §3 for one RGB image (see `to_rgb`): keys student, crops, boxes, crop_valid, vfm."""
+    """The views of §3 for one RGB image (see `to_rgb`): keys student, crops, boxes, crop_valid and one per VFM view
+    (`ViewConfig.vfm_views`: "vfm", then "vfm_1", ... for an ensemble's teachers at other patch sizes)."""
     crops, boxes, crop_valid = make_grid_crops(image, config, rng)
     student = letterbox(image, config.student_size, centred=False)
-    vfm = letterbox(image, config.vfm_size, centred=False)
+    vfm_views = {
+        key: normalise([letterbox(image, config.grid_size * view.patch, centred=False)], view.mean, view.std)[0]
+        for key, view in config.vfm_views.items()
+    }  # each (3, V_i, V_i)
     return {
         "student": normalise([student], config.clip_mean, config.clip_std)[0],  # (3, S, S)
         "crops": crops,
         "boxes": boxes,
         "crop_valid": crop_valid,
-        "vfm": normalise([vfm], config.vfm_mean, config.vfm_std)[0],  # (3, V, V)
+        **vfm_views,
     }
