@@ -362,6 +362,20 @@ def _training_size(model_dir: Path, args: dict) -> int | None:
     return processor.get(TRAINING_SIZE_FIELD) or args.get("student_size")
 
 
+def context_teachers_text(args: dict, replacements: dict[str, str]) -> str:
+    """The recorded `--vfm`: one model, or an ensemble (a list, with its `--vfm_weights`), as links."""
+    teachers = args.get("vfm", "a vision foundation model")
+    if teachers is None:  # --ablation clipself: no context teacher
+        return "none"
+    if not isinstance(teachers, list):
+        return _link(public_value(str(teachers), replacements))
+    weights = args.get("vfm_weights") or [None] * len(teachers)
+    return " and ".join(
+        _link(public_value(str(teacher), replacements)) + (f" (weight {weight:g})" if weight is not None else "")
+        for teacher, weight in zip(teachers, weights)
+    )
+
+
 def _link(name: str, hub_section: str = "") -> str:
     """A Hub link for a Hub id (`hub_section` "datasets/" for datasets), the name as code otherwise."""
     hub_id = hub_id_or_none(name)
@@ -409,7 +423,8 @@ def build_model_card(
         repo_id=repo_id,
         project_url=PROJECT_URL,
         student_link=_link(base_model or public_value(str(args.get("student", "CLIP")), replacements)),
-        vfm=_link(public_value(str(args.get("vfm", "a vision foundation model")), replacements)),
+        vfm=context_teachers_text(args, replacements),
+        has_context_teacher=args.get("vfm", "") is not None,
         dataset=", ".join(_link(name, hub_section="datasets/") for name in datasets or [recorded_dataset]),
         decoupled_attention=config["decoupled_attention"],
         architecture=_describe_architecture(config),

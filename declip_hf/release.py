@@ -367,7 +367,8 @@ def commit_message(run: TrainingRun) -> str:
         part
         for part in (
             f"student {student}",
-            f"VFM {args['vfm']}" if "vfm" in args else "",
+            f"VFM {', '.join(map(str, args['vfm'])) if isinstance(args['vfm'], list) else args['vfm']}"
+            if args.get("vfm") else "",
             f"{steps} steps" if steps else "",
         )
         if part

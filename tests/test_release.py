@@ -252,6 +252,21 @@ def test_card_reads_every_training_argument_and_result(vit_b16_run):
     }
 
 
+def test_card_names_an_ensemble_of_teachers_and_the_content_only_ablation(vit_b16_run):
+    run = TrainingRun.from_dir(vit_b16_run)
+    run.args.update(vfm=["facebook/dinov2-base", "facebook/sam-vit-base"], vfm_weights=[0.7, 0.3])
+    text = str(build_model_card(run, REPO_ID, "mit", base_model="openai/clip-vit-base-patch16"))
+    teachers = ("[facebook/dinov2-base](https://huggingface.co/facebook/dinov2-base) (weight 0.7) and "
+                "[facebook/sam-vit-base](https://huggingface.co/facebook/sam-vit-base) (weight 0.3)")
+    assert f"vision foundation model ({teachers})" in text and "['facebook" not in text
+    assert "VFM facebook/dinov2-base, facebook/sam-vit-base" in release.commit_message(run)
+
+    run.args.update(vfm=None, vfm_weights=None, ablation="clipself")
+    text = str(build_model_card(run, REPO_ID, "mit", base_model="openai/clip-vit-base-patch16"))
+    assert "content-only ablation (`--ablation clipself`)" in text and "with no context teacher" in text
+    assert "None" not in text.split("## Training")[0] and "VFM" not in release.commit_message(run)
+
+
 def test_paper_numbers_are_keyed_by_the_built_in_benchmarks():
     assert list(PAPER_SEGMENTATION_MIOU) and set(PAPER_SEGMENTATION_MIOU) == set(SEGMENTATION_BENCHMARKS)
     mean = sum(PAPER_SEGMENTATION_MIOU.values()) / len(PAPER_SEGMENTATION_MIOU)
