@@ -38,6 +38,7 @@ from .configuration_declip import DECOUPLED_ATTENTION_MODES
 from .loading_utils import image_normalisation, quiet_transformers
 from .modeling_declip import DeCLIPVisionModel
 from .preprocessing import letterbox, prepare_dense_inputs
+from .segment import read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_POINTS = "0.5,0.5;0.2,0.25;0.8,0.75"
@@ -93,14 +94,6 @@ def image_files(paths: list[str]) -> list[Path]:
     if not files:
         raise ValueError(f"no images found in {', '.join(paths)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
     return files
-
-
-def read_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Cannot read the image {str(path)!r}: {error}") from None
 
 
 def parse_points(text: str) -> list[tuple[float, float]]:

@@ -85,13 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def read_image(path: str) -> Image.Image:
+def read_image(path: str | Path) -> Image.Image:
     """The RGB image at `path`, decoded in full now, so a bad file fails before the model loads."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Cannot read the image {path!r}: {error}") from None
+        raise ValueError(f"Cannot read the image {str(path)!r}: {error}") from None
 
 
 def check_output_path(path: str) -> None:

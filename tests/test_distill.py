@@ -338,6 +338,23 @@ def test_bad_value_in_the_config_file_is_checked_like_a_flag(tmp_path, tiny_clip
 # ------------------------------------------------------------------------------------------------ two processes
 
 
+def _launch(argv: list, processes: int, port: int, cpu: bool = True) -> subprocess.CompletedProcess:
+    """A real `accelerate launch` of distill.py with `processes` CPU processes (DDP over gloo). `accelerate launch
+    --cpu --num_processes 2` would start ONE process; --multi_gpu with ACCELERATE_USE_CPU=1 starts them all.
+    `cpu=False` leaves that switch off on a machine without GPUs (the launcher then starts processes Accelerate does
+    not join)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), "training/distill.py", *map(str, argv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a machine without GPUs, wherever the test runs
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, tiny_clip_dir, tiny_dinov2_registers_dir, image_shards) -> Path:
     """A real `accelerate launch` with two CPU processes (DDP over gloo) for 4 updates, across an epoch end."""
@@ -345,13 +362,7 @@ def two_process_run(tmp_path_factory, tiny_clip_dir, tiny_dinov2_registers_dir, 
     argv = _base_argv(tiny_clip_dir, tiny_dinov2_registers_dir, image_shards, run_dir) + [
         "--max_steps", 4, "--per_device_batch_size", 2, "--lr", 2e-3, "--warmup_steps", 2, "--logging_steps", 1,
         "--checkpointing_steps", 2, "--ensemble_alpha", 0.7, "--log_image_hashes", "--decoupled_attention", "csa"]
-    # `accelerate launch --cpu --num_processes 2` would start ONE process; --multi_gpu with ACCELERATE_USE_CPU=1
-    # starts two, which talk over gloo.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29531", "training/distill.py", *map(str, argv)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    result = _launch(argv, processes=2, port=29531)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return run_dir
 
@@ -633,18 +644,14 @@ def test_coupled_backpropagates_both_losses_into_the_same_tokens(scheme, mode, m
 
 
 def _launch_two_processes(argv: list, port: int) -> None:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(port), "training/distill.py", *map(str, argv)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    result = _launch(argv, processes=2, port=port)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 def test_two_processes_train_with_sam(tiny_assets, tmp_path):
     run_dir = tmp_path / "sam"
     _launch_two_processes(_teacher_argv(tiny_assets, run_dir, "sam", steps=3) + ["--logging_steps", 1,
-                                                                                 "--per_device_batch_size", 2], 29541)
+                                                                                 "--per_device_batch_size", 2], 29547)
     logs = _logs(run_dir)
     assert [record["step"] for record in logs] == [1, 2, 3] and logs[-1]["world_size"] == 2
     assert all(math.isfinite(record["loss/context"]) for record in logs)

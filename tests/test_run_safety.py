@@ -28,7 +28,8 @@ from training.progress import TrainingProgress, read_log_records, uneven_ranks_w
 from training.tiny_assets import bad_images, encode, synthetic_image, write_image_shards
 from training.views import SKIP_REASONS
 
-from test_distill import _run_in_process as _run  # `main` in this process, Accelerate's singletons reset
+from tests.test_distill import _launch
+from tests.test_distill import _run_in_process as _run  # `main` in this process, Accelerate's singletons reset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT_SIZE = 64  # tiny CLIP patch 4 -> a 16 x 16 grid
@@ -381,19 +382,6 @@ def test_record_holds_the_effective_precision_and_the_launcher_flags(tmp_path, t
 
 
 # ------------------------------------------------------------------------------------------------ processes
-
-
-def _launch(argv: list, processes: int, port: int, cpu: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(port), "training/distill.py", *map(str, argv)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("ACCELERATE_USE_CPU", None)
-    if cpu:
-        env["ACCELERATE_USE_CPU"] = "1"
-    else:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # a machine without GPUs, wherever the test runs
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
 
 
 def test_a_bad_flag_under_accelerate_launch_quiet_is_one_line(tmp_path, tiny_clip_dir, tiny_dinov2_dir):

@@ -2,9 +2,6 @@
 two-process run (no deadlock while the main process evaluates), keep-best, resume, and the start-up checks."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ from datasets import Dataset, Features, Image as ImageFeature, List, Value
 from PIL import Image
 
 from declip_hf import DeCLIPVisionModel
-from tests.test_distill import REPO_ROOT, _base_argv, _events, _logs, _run_in_process
+from tests.test_distill import REPO_ROOT, _base_argv, _events, _launch, _logs, _run_in_process
 from training.progress import _kept_after_resume
 from training.run_folder import RESUMABLE_CHANGES
 from training.tiny_assets import write_image_shards
@@ -148,11 +145,7 @@ def test_two_processes_evaluate_on_the_main_process_without_deadlock(tmp_path, t
     argv = _base_argv(tiny_clip_dir, tiny_dinov2_dir, images, run_dir) + [
         "--max_steps", 4, "--per_device_batch_size", 2, "--warmup_steps", 1, "--logging_steps", 2,
         "--eval_every", 2, "--eval_benchmarks", eval_specs[0], "--eval_max_images", 2]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29533", "training/distill.py", *map(str, argv)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    result = _launch(argv, processes=2, port=29533)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     evals = _events(run_dir, "eval")
     assert [record["step"] for record in evals] == [2, 4]  # once per evaluation: only the main process writes
