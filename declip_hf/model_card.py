@@ -425,6 +425,7 @@ def build_model_card(
         student_link=_link(base_model or public_value(str(args.get("student", "CLIP")), replacements)),
         vfm=context_teachers_text(args, replacements),
         has_context_teacher=args.get("vfm", "") is not None,
+        ablation=args.get("ablation") or "none",
         dataset=", ".join(_link(name, hub_section="datasets/") for name in datasets or [recorded_dataset]),
         decoupled_attention=config["decoupled_attention"],
         architecture=_describe_architecture(config),

@@ -360,15 +360,23 @@ def _run_subprocess_checks(folder: Path, repo_id: str, snippets: dict, reference
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _public_name(name) -> str:
+    """A Hub id as it is, a local path by its last component (a public commit message shows no local paths)."""
+    return hub_id_or_none(name) or Path(str(name)).name
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
 def commit_message(run: TrainingRun) -> str:
     args, steps = run.args, run.summary.get("steps")
-    student = hub_id_or_none(args.get("student")) or Path(str(args.get("student", "CLIP"))).name
+    student = _public_name(args.get("student", "CLIP"))
     details = ", ".join(
         part
         for part in (
             f"student {student}",
-            f"VFM {', '.join(map(str, args['vfm'])) if isinstance(args['vfm'], list) else args['vfm']}"
-            if args.get("vfm") else "",
+            f"VFM {', '.join(_public_name(teacher) for teacher in _as_list(args['vfm']))}" if args.get("vfm") else "",
             f"{steps} steps" if steps else "",
         )
         if part

@@ -261,10 +261,19 @@ def test_card_names_an_ensemble_of_teachers_and_the_content_only_ablation(vit_b1
     assert f"vision foundation model ({teachers})" in text and "['facebook" not in text
     assert "VFM facebook/dinov2-base, facebook/sam-vit-base" in release.commit_message(run)
 
-    run.args.update(vfm=None, vfm_weights=None, ablation="clipself")
+    run.args.update(vfm=["/home/me/teachers/dinov2-base", "facebook/sam-vit-base"])
+    assert "VFM dinov2-base, facebook/sam-vit-base" in release.commit_message(run)  # no local path is published
+
+    run.args.update(vfm=None, vfm_weights=None, ablation="clipself", decoupled_attention="maskclip")
     text = str(build_model_card(run, REPO_ID, "mit", base_model="openai/clip-vit-base-patch16"))
-    assert "content-only ablation (`--ablation clipself`)" in text and "with no context teacher" in text
+    intro = text.split("## ")[0]
+    assert "ablation (`--ablation clipself`, CLIPSelf's setting)" in intro and "No context teacher" in intro
+    assert "without residual" not in intro and "with no context teacher" in text
     assert "None" not in text.split("## Training")[0] and "VFM" not in release.commit_message(run)
+
+    run.args.update(vfm="facebook/dinov2-base", ablation="coupled", decoupled_attention="vanilla")
+    intro = str(build_model_card(run, REPO_ID, "mit", base_model="openai/clip-vit-base-patch16")).split("## ")[0]
+    assert "(`--ablation coupled`)" in intro and "without decoupling" in intro and "without residual" not in intro
 
 
 def test_paper_numbers_are_keyed_by_the_built_in_benchmarks():

@@ -23,6 +23,7 @@ from training.checkpointing import (
     orphans,
     prune_checkpoints,
     remove_orphans,
+    write_file_atomically,
 )
 from training.progress import TrainingProgress, read_log_records, uneven_ranks_warning
 from training.tiny_assets import bad_images, encode, synthetic_image, write_image_shards
@@ -467,3 +468,19 @@ def test_processes_the_launcher_started_but_accelerate_did_not_join_are_refused(
     errors = [line for line in result.stderr.splitlines() if line.startswith("distill.py: error:")]
     assert errors and "WORLD_SIZE=2" in errors[0] and "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu" in errors[0]
     assert not (run_dir / "logs.jsonl").exists()
+
+
+def test_log_and_record_rewrites_replace_the_file_whole(tmp_path, monkeypatch):
+    """A kill while the log is trimmed on resume (or the run's record rewritten) leaves the old file, not a part."""
+    path = tmp_path / "logs.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    write_file_atomically(path, '{"step": 1}\n')
+    assert path.read_text() == '{"step": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["logs.jsonl"]
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands in for the process dying between writing and replacing
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_file_atomically(path, "")
+    assert path.read_text() == '{"step": 1}\n'

@@ -1,6 +1,7 @@
 """Evaluation during distillation (issue 11, training/evaluation.py): `--eval_every` in the tiny default run and in a
 two-process run (no deadlock while the main process evaluates), keep-best, resume, and the start-up checks."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from PIL import Image
 
 from declip_hf import DeCLIPVisionModel
 from tests.test_distill import REPO_ROOT, _base_argv, _events, _launch, _logs, _run_in_process
+from training import evaluation
+from training.evaluation import BEST_MODEL_DIR, BEST_RECORD, TrainingEvaluator
 from training.progress import _kept_after_resume
 from training.run_folder import RESUMABLE_CHANGES
 from training.tiny_assets import write_image_shards
@@ -152,3 +155,44 @@ def test_two_processes_evaluate_on_the_main_process_without_deadlock(tmp_path, t
     assert all(record["num_images"] == {"toy": 2} for record in evals)
     assert [record["step"] for record in _logs(run_dir)] == [2, 4]
     assert json.loads((run_dir / "training_args.json").read_text())["summary"]["steps"] == 4
+
+
+def _evaluator(run_dir: Path, keep_best: str | None, resumed_step: int | None) -> TrainingEvaluator:
+    args = argparse.Namespace(eval_keep_best=keep_best, student="unused", ensemble_alpha=1.0, student_size=32)
+    return TrainingEvaluator(args, ([], []), accelerator=None, student=None, run_dir=run_dir,
+                             resumed_step=resumed_step)
+
+
+def test_a_resume_keeps_the_best_only_for_the_same_metric_and_an_earlier_step(tmp_path):
+    (tmp_path / BEST_MODEL_DIR).mkdir()
+    (tmp_path / BEST_MODEL_DIR / BEST_RECORD).write_text(json.dumps({"metric": "toy/mIoU", "value": 5.0, "step": 3}))
+    assert _evaluator(tmp_path, "toy/mIoU", resumed_step=3).best == {"metric": "toy/mIoU", "value": 5.0, "step": 3}
+    assert _evaluator(tmp_path, "toy/mIoU", resumed_step=None).best is None  # a fresh run
+    assert _evaluator(tmp_path, "toy/mIoU", resumed_step=2).best is None  # kept after the resumed checkpoint
+    assert _evaluator(tmp_path, "toy/aAcc", resumed_step=6).best is None  # another metric: not comparable
+
+
+def test_a_failed_best_model_save_leaves_the_previous_best_whole(tmp_path, monkeypatch):
+    best_dir = tmp_path / BEST_MODEL_DIR
+    best_dir.mkdir()
+    record = {"metric": "toy/mIoU", "value": 5.0, "step": 3}
+    (best_dir / BEST_RECORD).write_text(json.dumps(record))
+    (best_dir / "model.safetensors").write_text("previous weights")
+    evaluator = _evaluator(tmp_path, "toy/mIoU", resumed_step=3)
+
+    def save_half_then_fail(student, folder, *args):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "model.safetensors").write_text("half of the new weights")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluation, "save_model", save_half_then_fail)
+    with pytest.raises(OSError):
+        evaluator._keep_if_best(6, {"toy/mIoU": 9.0})
+    assert json.loads((best_dir / BEST_RECORD).read_text()) == record
+    assert (best_dir / "model.safetensors").read_text() == "previous weights"
+
+    monkeypatch.setattr(evaluation, "save_model", lambda student, folder, *args: Path(folder).mkdir(parents=True))
+    evaluator._keep_if_best(6, {"toy/mIoU": 9.0})
+    assert json.loads((best_dir / BEST_RECORD).read_text()) == {"metric": "toy/mIoU", "value": 9.0, "step": 6}
+    assert not (best_dir / "model.safetensors").exists() and sorted(path.name for path in tmp_path.iterdir()) == [
+        BEST_MODEL_DIR]

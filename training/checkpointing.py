@@ -15,6 +15,7 @@ determine what the run computes, so that a resume can refuse to continue a diffe
 
 import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -28,6 +29,14 @@ RUN_IDENTITY_KEY = "run_identity"
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); it was not marked complete."""
+
+
+def write_file_atomically(path: Path, text: str) -> None:
+    """Replace `path`'s contents with `text` in one step: a kill leaves the old file or the new one, never a part."""
+    path = Path(path)
+    staging = path.with_name(f".tmp-{path.name}")
+    staging.write_text(text)
+    os.replace(staging, path)
 
 
 def checkpoint_name(step: int) -> str:

@@ -54,6 +54,7 @@ from training.checkpointing import (
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
+    write_file_atomically,
 )
 from training.data import (
     ImageViewsDataset,
@@ -647,7 +648,7 @@ def setup_run(args: argparse.Namespace, argv: list[str], plan: RunPlan, accelera
     progress.epoch_images = EpochImageCounts(epoch_images)
     accelerator.init_trackers("declip_distill", config=_tracker_config(args))
     evaluator = TrainingEvaluator(args, plan.evaluation_specs, accelerator, student, run_dir,
-                                  resuming=plan.resume_path is not None)
+                                  resumed_step=progress_state["step"] if plan.resume_path is not None else None)
     return Run(args, argv, accelerator, run_dir, identity, prepared, teacher, context_teachers, loss_fn, optimizer,
                scheduler, dataset, position, progress, total_steps, scheme=TRAINING_SCHEMES[args.ablation],
                evaluator=evaluator)
@@ -886,7 +887,7 @@ def write_training_args(path: Path, args: argparse.Namespace, argv: list[str], a
     record = {"command": launch_command(accelerator, argv), "args": recorded_args,
               "launch": launch_settings(accelerator), RUN_IDENTITY_KEY: identity, "summary": summary,
               "versions": versions}
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_file_atomically(path, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def fail(message: str, exit_code: int):

@@ -15,6 +15,7 @@ in the evaluation stops every process instead of leaving them waiting.
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -109,11 +110,11 @@ class TrainingEvaluator:
     """Runs the evaluation of `--eval_every` (call `after_update` on every process after each update)."""
 
     def __init__(self, args: argparse.Namespace, specs: tuple[list, list], accelerator, student, run_dir: Path,
-                 resuming: bool):
+                 resumed_step: int | None):
         self.args, self.accelerator, self.student = args, accelerator, student
         self.segmentation_specs, self.region_specs = specs
         self.best_dir = Path(run_dir) / BEST_MODEL_DIR
-        self.best = self._read_best() if resuming else None
+        self.best = self._read_best(resumed_step) if resumed_step is not None else None
         self.segmenter = None  # built at the first evaluation, where a failure reaches every process
 
     @property
@@ -131,11 +132,15 @@ class TrainingEvaluator:
         self.student.train(was_training)
         return segmenter
 
-    def _read_best(self) -> dict | None:
+    def _read_best(self, resumed_step: int) -> dict | None:
+        """The kept best of the resumed run, if it still counts: measured with the metric now asked for (which may
+        change on resume) and at or before the resumed checkpoint (a later one belongs to the abandoned part)."""
         try:
-            return json.loads((self.best_dir / BEST_RECORD).read_text())
+            best = json.loads((self.best_dir / BEST_RECORD).read_text())
         except (OSError, ValueError):
             return None
+        still_counts = best.get("metric") == self.args.eval_keep_best and best.get("step", math.inf) <= resumed_step
+        return best if still_counts else None
 
     def after_update(self, step: int, epoch: int, progress) -> None:
         """Evaluate at every `--eval_every`-th update: the main process measures, the others wait for its outcome."""
@@ -183,8 +188,17 @@ class TrainingEvaluator:
             return
         if self.best is not None and value <= self.best["value"]:
             return
+        best = {"metric": key, "value": value, "step": step}
+        # Written whole under a temporary name, then swapped in: a kill never leaves new weights beside an old record.
+        staging, previous = self.best_dir.with_name(f".tmp-{BEST_MODEL_DIR}"), self.best_dir.with_name(
+            f".old-{BEST_MODEL_DIR}")
+        shutil.rmtree(staging, ignore_errors=True)
         with quiet_transformers():
-            save_model(self.student, self.best_dir, self.args.student, self.args.ensemble_alpha,
-                       self.args.student_size)
-        self.best = {"metric": key, "value": value, "step": step}
-        (self.best_dir / BEST_RECORD).write_text(json.dumps(self.best, indent=2) + "\n")
+            save_model(self.student, staging, self.args.student, self.args.ensemble_alpha, self.args.student_size)
+        (staging / BEST_RECORD).write_text(json.dumps(best, indent=2) + "\n")
+        shutil.rmtree(previous, ignore_errors=True)
+        if self.best_dir.exists():
+            self.best_dir.rename(previous)
+        staging.rename(self.best_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+        self.best = best

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from training.checkpointing import write_file_atomically
 from training.views import SKIP_REASONS
 
 LOSS_NAMES = ("content", "context", "total")
@@ -106,7 +107,7 @@ class TrainingProgress:
             print(f"Warning: dropped {len(torn)} unreadable line(s) of {self.log_path} (line(s) "
                   f"{', '.join(map(str, torn))}), most likely torn by a kill while it was written.", file=sys.stderr)
         kept = [record for record in records if _kept_after_resume(record, step)]
-        self.log_path.write_text("".join(to_json_line(record) for record in kept))
+        write_file_atomically(self.log_path, "".join(to_json_line(record) for record in kept))
 
     def _reset_window(self) -> None:
         self.window_start = time.monotonic()
