@@ -8,7 +8,9 @@ from .configuration_declip import (
     DeCLIPCheckpointError,
     DeCLIPVisionConfig,
 )
+from .configuration_declip_eva import DeCLIPEvaVisionConfig
 from .modeling_declip import DeCLIPDenseOutput, DeCLIPVisionModel
+from .modeling_declip_eva import DeCLIPEvaVisionModel
 from .preprocessing import prepare_dense_inputs
 from .region_pooling import pool_boxes, pool_masks
 from .segmentation import ClassEmbeddings, DeCLIPSegmentationOutput, DeCLIPSegmenter
@@ -20,6 +22,11 @@ AutoModel.register(DeCLIPVisionConfig, DeCLIPVisionModel, exist_ok=True)
 # Saved folders then carry this code and an `auto_map`, so they load with `trust_remote_code=True` anywhere.
 DeCLIPVisionConfig.register_for_auto_class()
 DeCLIPVisionModel.register_for_auto_class("AutoModel")
+# The EVA02-CLIP student (docs/method.md §8): the architecture of the authors' released checkpoints.
+AutoConfig.register(DeCLIPEvaVisionConfig.model_type, DeCLIPEvaVisionConfig, exist_ok=True)
+AutoModel.register(DeCLIPEvaVisionConfig, DeCLIPEvaVisionModel, exist_ok=True)
+DeCLIPEvaVisionConfig.register_for_auto_class()
+DeCLIPEvaVisionModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "DECOUPLED_ATTENTION_MODES",
@@ -27,6 +34,8 @@ __all__ = [
     "ClassEmbeddings",
     "DeCLIPCheckpointError",
     "DeCLIPDenseOutput",
+    "DeCLIPEvaVisionConfig",
+    "DeCLIPEvaVisionModel",
     "DeCLIPSegmentationOutput",
     "DeCLIPSegmenter",
     "DeCLIPVisionConfig",

@@ -154,50 +154,14 @@ class _VisionTowerPrefix(WeightRenaming):
 register_checkpoint_conversion_mapping("DeCLIPVisionModel", [_VisionTowerPrefix()], overwrite=True)
 
 
-class DeCLIPVisionModel(CLIPVisionModel):
-    r"""
-    CLIP's vision tower and visual projection, with DeCLIP's decoupled final layer for dense features.
+class DenseFeaturesMixin:
+    """The dense API shared by every DeCLIP vision model (OpenAI CLIP and EVA02-CLIP students): input checks,
+    region and mask pooling, and `from_pretrained` refusing checkpoints with missing weights.
 
-    `forward` is exactly [`CLIPVisionModel`]'s. `get_dense_features`, `get_region_features` and `get_mask_features`
-    read the last layer in the mode set by `config.decoupled_attention`. Loads DeCLIP checkpoints and any CLIP
-    checkpoint (`CLIPModel` or `CLIPVisionModelWithProjection`); text weights are ignored.
-
-    Example:
-
-    ```python
-    >>> model = DeCLIPVisionModel.from_pretrained("openai/clip-vit-base-patch16", decoupled_attention="qq")
-    >>> dense = model.get_dense_features(pixel_values).dense_embeds  # (B, 512, H / 16, W / 16)
-    ```
+    A model using it provides `config` (with `num_channels`), `patch_size`, `get_dense_features`, `_map_to_pool`
+    (the dense map region and mask pooling read: the normalised one for OpenAI CLIP, docs/method.md §2, the raw one
+    for EVA02, §8) and `_missing_weights_message`.
     """
-
-    config: DeCLIPVisionConfig
-    config_class = DeCLIPVisionConfig
-    # A full CLIPModel checkpoint also holds the text tower; DeCLIP only needs the vision side.
-    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
-
-    def __init__(self, config: DeCLIPVisionConfig):
-        super().__init__(config)
-        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
-        self.post_init()
-
-    def _init_weights(self, module):
-        # Keyed on the projection itself, not on `self`: CLIPVisionModel.__init__ already ran post_init and marked the
-        # root initialised before the projection existed, so a `module is self` branch would never run again.
-        if module is getattr(self, "visual_projection", None):
-            # CLIPVisionModelWithProjection's initialisation. transformers' `init` skips weights loaded from a checkpoint.
-            init.normal_(module.weight, std=self.config.hidden_size**-0.5 * self.config.initializer_factor)
-        else:
-            super()._init_weights(module)
-
-    @property
-    def decoupled_path(self):
-        """The last layer's dense path for `config.decoupled_attention` (read each time, so changing the config's
-        mode on a loaded model takes effect)."""
-        return DECOUPLED_PATHS[self.config.decoupled_attention]
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -205,7 +169,7 @@ class DeCLIPVisionModel(CLIPVisionModel):
 
         transformers initialises missing weights randomly and only logs it; for DeCLIP that is a silently random
         model (an empty safetensors file, a `CLIPVisionModel` checkpoint without the visual projection). A config
-        that is not a CLIP vision tower (DINOv2, ViT, ...) is refused before any weight is read. Both raise
+        of another architecture (DINOv2, ViT, ...) is refused before any weight is read. Both raise
         [`DeCLIPCheckpointError`] (a `ValueError`).
         """
         wants_loading_info = kwargs.pop("output_loading_info", False)
@@ -213,46 +177,8 @@ class DeCLIPVisionModel(CLIPVisionModel):
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
         if loading_info["missing_keys"]:
-            raise DeCLIPCheckpointError(_missing_weights_message(pretrained_model_name_or_path, loading_info))
+            raise DeCLIPCheckpointError(cls._missing_weights_message(pretrained_model_name_or_path, loading_info))
         return (model, loading_info) if wants_loading_info else model
-
-    @can_return_tuple
-    def get_image_features(
-        self,
-        pixel_values: torch.Tensor,
-        interpolate_pos_encoding: bool = False,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple | BaseModelOutputWithPooling:
-        """CLIP's image embedding, as transformers 5's `CLIPModel.get_image_features` returns it: the ordinary
-        forward's output whose `pooler_output` is the projected (B, projection_dim) embedding, unnormalised (the CLS
-        path). `output_hidden_states`, `output_attentions` and `return_dict` work as in `forward`.
-
-        Example:
-
-        ```python
-        >>> image_embeds = model.get_image_features(pixel_values).pooler_output  # (B, projection_dim)
-        ```"""
-        vision_outputs: BaseModelOutputWithPooling = self(
-            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
-        )
-        vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
-        return vision_outputs
-
-    def get_dense_features(self, pixel_values: torch.Tensor) -> DeCLIPDenseOutput:
-        """Dense content features (B, D, h, w) and context features (B, N, C) for images of any size that is a
-        multiple of the patch size (the position embedding is resized bicubically).
-
-        `pixel_values` is a (B, num_channels, H, W) float batch normalised by the model's image processor; features
-        come back in the model's dtype."""
-        grid_height, grid_width = self._grid_size(self._check_pixel_values(pixel_values))
-        hidden_states = self._encode_before_last_layer(pixel_values)
-        content_tokens, context = self.decoupled_path(self.encoder.layers[-1], hidden_states)
-        # Layer norm and projection act per token, so the CLS row can be dropped first.
-        content = self.visual_projection(self.post_layernorm(content_tokens[:, 1:]))  # (B, N, D)
-        return DeCLIPDenseOutput(
-            dense_embeds=F.normalize(tokens_to_map(content, grid_height, grid_width), dim=1),
-            context_features=tuple(feature[:, 1:].contiguous() for feature in context),
-        )
 
     def get_region_features(self, pixel_values: torch.Tensor, boxes: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """One (K_i, D) tensor of L2-normalised RoIAlign features per image.
@@ -262,7 +188,7 @@ class DeCLIPVisionModel(CLIPVisionModel):
         in the dense features' dtype (bf16 for a bf16 model)."""
         batch_size, _, _ = self._check_pixel_values(pixel_values)
         check_boxes(boxes, batch_size)  # before the forward pass, which a bad box would waste
-        region_embeds = pool_boxes(self.get_dense_features(pixel_values).dense_embeds, boxes)
+        region_embeds = pool_boxes(self._map_to_pool(pixel_values), boxes)
         return region_embeds.split([len(image_boxes) for image_boxes in boxes])
 
     def get_mask_features(self, pixel_values: torch.Tensor, masks: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -276,7 +202,7 @@ class DeCLIPVisionModel(CLIPVisionModel):
         image_size = self._check_pixel_values(pixel_values)
         check_masks(masks, batch_size=image_size[0])
         self._check_mask_sizes(masks, image_size)
-        mask_embeds = pool_masks(self.get_dense_features(pixel_values).dense_embeds, masks)
+        mask_embeds = pool_masks(self._map_to_pool(pixel_values), masks)
         return mask_embeds.split([len(image_masks) for image_masks in masks])
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> tuple[int, int, int]:
@@ -330,6 +256,99 @@ class DeCLIPVisionModel(CLIPVisionModel):
                 f"pad or resize the image to a multiple of {self.patch_size} on each side."
             )
         return height // self.patch_size, width // self.patch_size
+
+
+
+class DeCLIPVisionModel(DenseFeaturesMixin, CLIPVisionModel):
+    r"""
+    CLIP's vision tower and visual projection, with DeCLIP's decoupled final layer for dense features.
+
+    `forward` is exactly [`CLIPVisionModel`]'s. `get_dense_features`, `get_region_features` and `get_mask_features`
+    read the last layer in the mode set by `config.decoupled_attention`. Loads DeCLIP checkpoints and any CLIP
+    checkpoint (`CLIPModel` or `CLIPVisionModelWithProjection`); text weights are ignored.
+
+    Example:
+
+    ```python
+    >>> model = DeCLIPVisionModel.from_pretrained("openai/clip-vit-base-patch16", decoupled_attention="qq")
+    >>> dense = model.get_dense_features(pixel_values).dense_embeds  # (B, 512, H / 16, W / 16)
+    ```
+    """
+
+    config: DeCLIPVisionConfig
+    config_class = DeCLIPVisionConfig
+    # A full CLIPModel checkpoint also holds the text tower; DeCLIP only needs the vision side.
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
+
+    def __init__(self, config: DeCLIPVisionConfig):
+        super().__init__(config)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        # Keyed on the projection itself, not on `self`: CLIPVisionModel.__init__ already ran post_init and marked the
+        # root initialised before the projection existed, so a `module is self` branch would never run again.
+        if module is getattr(self, "visual_projection", None):
+            # CLIPVisionModelWithProjection's initialisation. transformers' `init` skips weights loaded from a checkpoint.
+            init.normal_(module.weight, std=self.config.hidden_size**-0.5 * self.config.initializer_factor)
+        else:
+            super()._init_weights(module)
+
+    @property
+    def decoupled_path(self):
+        """The last layer's dense path for `config.decoupled_attention` (read each time, so changing the config's
+        mode on a loaded model takes effect)."""
+        return DECOUPLED_PATHS[self.config.decoupled_attention]
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """CLIP's image embedding, as transformers 5's `CLIPModel.get_image_features` returns it: the ordinary
+        forward's output whose `pooler_output` is the projected (B, projection_dim) embedding, unnormalised (the CLS
+        path). `output_hidden_states`, `output_attentions` and `return_dict` work as in `forward`.
+
+        Example:
+
+        ```python
+        >>> image_embeds = model.get_image_features(pixel_values).pooler_output  # (B, projection_dim)
+        ```"""
+        vision_outputs: BaseModelOutputWithPooling = self(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        vision_outputs.pooler_output = self.visual_projection(vision_outputs.pooler_output)
+        return vision_outputs
+
+    def get_dense_features(self, pixel_values: torch.Tensor) -> DeCLIPDenseOutput:
+        """Dense content features (B, D, h, w) and context features (B, N, C) for images of any size that is a
+        multiple of the patch size (the position embedding is resized bicubically).
+
+        `pixel_values` is a (B, num_channels, H, W) float batch normalised by the model's image processor; features
+        come back in the model's dtype."""
+        grid_height, grid_width = self._grid_size(self._check_pixel_values(pixel_values))
+        hidden_states = self._encode_before_last_layer(pixel_values)
+        content_tokens, context = self.decoupled_path(self.encoder.layers[-1], hidden_states)
+        # Layer norm and projection act per token, so the CLS row can be dropped first.
+        content = self.visual_projection(self.post_layernorm(content_tokens[:, 1:]))  # (B, N, D)
+        return DeCLIPDenseOutput(
+            dense_embeds=F.normalize(tokens_to_map(content, grid_height, grid_width), dim=1),
+            context_features=tuple(feature[:, 1:].contiguous() for feature in context),
+        )
+
+    def _map_to_pool(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # The authors' OpenAI-CLIP path normalises the dense map before RoIAlign / mask pooling (docs/method.md §2).
+        return self.get_dense_features(pixel_values).dense_embeds
+
+    @staticmethod
+    def _missing_weights_message(source, loading_info: dict) -> str:
+        return _missing_weights_message(source, loading_info)
 
     def _encode_before_last_layer(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=True)

@@ -77,10 +77,11 @@ def check_masks(masks: list[torch.Tensor], batch_size: int) -> list[torch.Tensor
 
 
 def pool_boxes(dense_embeds: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
-    """RoIAlign one vector per box from a normalised dense map.
+    """RoIAlign one vector per box from a dense map (normalised or not: the pooled vectors are normalised after).
 
     Args:
-        dense_embeds: (B, D, h, w), L2-normalised over D.
+        dense_embeds: (B, D, h, w); the OpenAI-CLIP path passes it L2-normalised over D (docs/method.md §2), the
+            EVA02 path raw (§8).
         boxes: one (K_i, 4) tensor per image, xyxy normalised to [0, 1] in the (padded) input frame, with x1 < x2 and
             y1 < y2. Corners within `BOX_EDGE_TOLERANCE` outside [0, 1] are clamped; others raise a `ValueError`.
 
@@ -104,10 +105,11 @@ def pool_boxes(dense_embeds: torch.Tensor, boxes: list[torch.Tensor]) -> torch.T
 
 
 def pool_masks(dense_embeds: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    """Mask-weighted mean of a normalised dense map, one vector per mask.
+    """Mask-weighted mean of a dense map (normalised or not: the means are normalised after), one vector per mask.
 
     Args:
-        dense_embeds: (B, D, h, w), L2-normalised over D.
+        dense_embeds: (B, D, h, w); the OpenAI-CLIP path passes it L2-normalised over D (docs/method.md §2), the
+            EVA02 path raw (§8).
         masks: one (K_i, H, W) tensor per image: bool, 0/1 or soft non-negative weights (any scale: the mean is
             normalised by the mask's total), each selecting at least one pixel. Any resolution: the mask is
             area-resized onto the h x w grid, i.e. assumed to cover the same frame as the map.
