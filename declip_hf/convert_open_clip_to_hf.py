@@ -1,4 +1,5 @@
-"""Convert OpenAI-architecture open_clip checkpoints (ViT-B/16, ViT-L/14, ViT-L/14-336) into DeCLIP folders.
+"""Convert OpenAI-architecture open_clip checkpoints (ViT-B/16, ViT-L/14, ViT-L/14-336) and the DeCLIP authors'
+EVA02-CLIP checkpoints (`--arch EVA02-CLIP-B-16` / `EVA02-CLIP-L-14-336`, see `convert_eva_clip`) into DeCLIP folders.
 
 DeCLIP's reference recipe (CVPR 2025, arXiv 2505.04410) trains with open_clip, so its checkpoints and the CLIPs
 it starts from are open_clip state dicts. This maps such a state dict onto [`DeCLIPVisionModel`] (and, with
@@ -36,6 +37,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from .configuration_declip import DECOUPLED_ATTENTION_MODES, DeCLIPVisionConfig
+from .convert_eva_clip import EVA02_ARCHITECTURES, convert_eva_vision, eva_text_state_dict, is_eva02_architecture
 from .modeling_declip import DeCLIPVisionModel
 from .segmentation import TEXT_ENCODER_SUBFOLDER
 
@@ -70,7 +72,11 @@ HIDDEN_ACTS = {True: "quick_gelu", False: "gelu"}
 # Key patterns of open_clip (and EVA-CLIP) towers this converter cannot map, with what they are.
 _FOREIGN_ARCHITECTURES = (
     (r"^visual\.trunk\.", "a timm trunk (open_clip TimmModel: ConvNeXt, EVA02 via timm, ...)"),
-    (r"^visual\.(blocks|patch_embed|pos_embed|cls_token)\b|(^|\.)rope(\.|$)", "an EVA / EVA02-CLIP vision tower"),
+    (
+        r"^visual\.(blocks|patch_embed|pos_embed|cls_token)\b|(^|\.)rope(\.|$)",
+        f"an EVA / EVA02-CLIP vision tower (the DeCLIP authors' EVA02 checkpoints convert with --arch "
+        f"{' or '.join(EVA02_ARCHITECTURES)})",
+    ),
     (r"^visual\.(layer1|attnpool|stem)\b", "a ModifiedResNet (OpenAI RN50-style) vision tower"),
     (r"^visual\.attn_pool", "an attentional pooler (CoCa)"),
     (r"\.ls_[12]\.", "LayerScale blocks"),
@@ -117,7 +123,7 @@ class TextShape:
 
 @dataclass
 class ConvertedCLIP:
-    vision: DeCLIPVisionModel
+    vision: DeCLIPVisionModel  # or DeCLIPEvaVisionModel: both save and load the same way
     text: CLIPTextModelWithProjection | None
 
 
@@ -221,8 +227,8 @@ def resolve_architecture(arch: str) -> dict:
     if Path(arch).is_file():
         return json.loads(Path(arch).read_text())
     raise ValueError(
-        f"Unknown architecture {arch!r}; use one of {', '.join(OPEN_CLIP_ARCHITECTURES)} or the path of an "
-        "open_clip model config JSON."
+        f"Unknown architecture {arch!r}; use one of {', '.join([*OPEN_CLIP_ARCHITECTURES, *EVA02_ARCHITECTURES])} or "
+        "the path of an open_clip model config JSON."
     )
 
 
@@ -330,7 +336,10 @@ def convert_text_weights(state_dict: dict[str, torch.Tensor], layers: int) -> di
 def _refuse_leftovers(state_dict: dict[str, torch.Tensor], with_text: bool) -> None:
     leftovers = [key for key in state_dict if key.startswith("visual.")]
     if with_text:
-        leftovers += [key for key in state_dict if not key.startswith("visual.") and key not in _IGNORED_TEXT_KEYS]
+        leftovers += [
+            key for key in state_dict
+            if not key.startswith("visual.") and key.removeprefix("text.") not in _IGNORED_TEXT_KEYS
+        ]
     if leftovers:
         raise ValueError(
             f"The checkpoint has tensors an OpenAI-architecture CLIP does not: {leftovers[:8]}"
@@ -420,6 +429,33 @@ def convert_open_clip_state_dict(
     return ConvertedCLIP(vision=vision.eval(), text=text.eval() if text is not None else None)
 
 
+def convert_eva_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    arch: str,
+    decoupled_attention: str = "csa",
+    with_text: bool = False,
+    tokenizer=None,
+) -> ConvertedCLIP:
+    """The DeCLIP authors' EVA02-CLIP checkpoint (docs/method.md §8) as a [`DeCLIPEvaVisionModel`] and, with
+    `with_text`, its text tower (OpenAI-style, plain GELU) as a `CLIPTextModelWithProjection`."""
+    remaining = dict(state_dict)
+    vision = convert_eva_vision(remaining, arch, decoupled_attention)
+    text_state_dict = eva_text_state_dict(remaining)
+    text = None
+    if with_text:
+        text_shape = infer_text_shape(text_state_dict)
+        if tokenizer is not None and len(tokenizer) != text_shape.vocab_size:
+            raise ValueError(f"The tokenizer has {len(tokenizer)} tokens; the text tower expects {text_shape.vocab_size}.")
+        heads = text_shape.width // EVA02_ARCHITECTURES[arch]["text_head_width"]
+        logit_scale = float(text_state_dict.pop("logit_scale", torch.tensor(2.6592)))
+        config = text_config(text_shape, {"text_cfg": {"heads": heads}}, "gelu", logit_scale, tokenizer)
+        text = CLIPTextModelWithProjection(config)
+        text.load_state_dict(convert_text_weights(text_state_dict, text_shape.layers), strict=True)
+        remaining.update({f"text.{key}": value for key, value in text_state_dict.items()})
+    _refuse_leftovers(remaining, with_text)
+    return ConvertedCLIP(vision=vision, text=text.eval() if text is not None else None)
+
+
 def open_clip_bpe_path() -> Path | None:
     """open_clip's BPE vocabulary file, found without importing open_clip (which is optional here)."""
     spec = importlib.util.find_spec("open_clip")
@@ -498,7 +534,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--arch",
         required=True,
-        help=f"open_clip architecture: one of {', '.join(OPEN_CLIP_ARCHITECTURES)}, or an open_clip model config JSON.",
+        help=f"open_clip architecture: one of {', '.join(OPEN_CLIP_ARCHITECTURES)}, or an open_clip model config JSON; "
+        f"or {', '.join(EVA02_ARCHITECTURES)} for the DeCLIP authors' EVA02-CLIP checkpoints (sizes read from the "
+        "tensors; text tower with plain GELU).",
     )
     parser.add_argument("--out", required=True, help="Folder to write the DeCLIP checkpoint to.")
     parser.add_argument(
@@ -521,10 +559,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--decoupled-attention",
         choices=DECOUPLED_ATTENTION_MODES,
-        default="qq",
-        help="DeCLIP mode stored in the config.",
+        default=argparse.SUPPRESS,  # the default depends on the architecture
+        help="DeCLIP mode stored in the config (default: qq); for the EVA02 architectures (default: csa), the mode "
+        "of the authors' released checkpoints.",
     )
     return parser.parse_args(argv)
+
+
+def _convert_openai(args, state_dict, tokenizer) -> tuple[ConvertedCLIP, object, str]:
+    architecture = resolve_architecture(args.arch)
+    if args.with_text and tokenizer is None:
+        reject_foreign_architecture(state_dict)  # the clearer message first, for a checkpoint of another kind
+        tokenizer = default_tokenizer(infer_text_shape(state_dict))
+    decoupled_attention = getattr(args, "decoupled_attention", "qq")
+    converted = convert_open_clip_state_dict(
+        state_dict, architecture, args.hidden_act, decoupled_attention, args.with_text, tokenizer
+    )
+    return converted, tokenizer, f"{converted.vision.config.hidden_act}, decoupled_attention={decoupled_attention}"
+
+
+def _convert_eva02(args, state_dict, tokenizer) -> tuple[ConvertedCLIP, object, str]:
+    if args.hidden_act not in (None, "gelu"):
+        raise ValueError(f"EVA02-CLIP's towers use plain GELU (SwiGLU in the vision MLP); drop --hidden-act {args.hidden_act}.")
+    if args.with_text and tokenizer is None:
+        tokenizer = default_tokenizer(infer_text_shape(eva_text_state_dict(dict(state_dict))))
+    decoupled_attention = getattr(args, "decoupled_attention", "csa")
+    converted = convert_eva_state_dict(state_dict, args.arch, decoupled_attention, args.with_text, tokenizer)
+    return converted, tokenizer, f"EVA02, decoupled_attention={decoupled_attention}"
 
 
 def main(argv=None) -> Path:
@@ -532,23 +593,17 @@ def main(argv=None) -> Path:
     if args.tokenizer is not None and not args.with_text:
         raise SystemExit("--tokenizer only applies with --with-text.")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer is not None else None
+    convert = _convert_eva02 if is_eva02_architecture(args.arch) else _convert_openai
     try:
-        architecture = resolve_architecture(args.arch)
+        if convert is _convert_openai:
+            resolve_architecture(args.arch)  # an unknown name is refused before the checkpoint is read
         state_dict = load_open_clip_state_dict(args.checkpoint)
-        if args.with_text and tokenizer is None:
-            reject_foreign_architecture(state_dict)  # the clearer message first, for a checkpoint of another kind
-            tokenizer = default_tokenizer(infer_text_shape(state_dict))
-        converted = convert_open_clip_state_dict(
-            state_dict, architecture, args.hidden_act, args.decoupled_attention, args.with_text, tokenizer
-        )
+        converted, tokenizer, summary = convert(args, state_dict, tokenizer)
     except ValueError as error:
         raise SystemExit(f"Conversion failed: {error}") from error
     out = save_converted(converted, args.out, tokenizer)
     tokenizer_note = f", tokenizer from {args.tokenizer or OPEN_CLIP_BPE_FILE}" if args.with_text else ""
-    print(
-        f"Wrote {out} ({converted.vision.config.hidden_act}, decoupled_attention={args.decoupled_attention}"
-        f"{tokenizer_note})"
-    )
+    print(f"Wrote {out} ({summary}{tokenizer_note})")
     return out
 
 

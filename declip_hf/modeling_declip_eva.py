@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import can_return_tuple
@@ -25,6 +25,7 @@ from transformers.utils import can_return_tuple
 from .configuration_declip_eva import DeCLIPEvaVisionConfig
 from .modeling_declip import (
     DeCLIPDenseOutput,
+    DeCLIPVisionModel,
     DenseFeaturesMixin,
     _eager_self_similarity,
     _fused_self_similarity,
@@ -324,3 +325,20 @@ class DeCLIPEvaVisionModel(DenseFeaturesMixin, PreTrainedModel):
             "Convert the authors' EVA02-CLIP checkpoint with `python -m declip_hf.convert_open_clip_to_hf CKPT --arch "
             "EVA02-CLIP-B-16 --out DIR` and load DIR."
         )
+
+
+# Which DeCLIP class reads a saved folder, by its config's model_type; anything else is tried as OpenAI CLIP, whose
+# loader refuses non-CLIP configs with a message naming the fix.
+_VISION_CLASSES_BY_MODEL_TYPE = {DeCLIPEvaVisionConfig.model_type: DeCLIPEvaVisionModel}
+_HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "subfolder", "force_download")
+
+
+def declip_vision_class(name_or_path, **kwargs) -> type:
+    """[`DeCLIPEvaVisionModel`] for an EVA02 DeCLIP folder or Hub id, else [`DeCLIPVisionModel`] (so code that loads
+    "a DeCLIP model" takes either without branching). `kwargs` may hold any `from_pretrained` arguments."""
+    hub_kwargs = {key: value for key, value in kwargs.items() if key in _HUB_KWARGS}
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(str(name_or_path), **hub_kwargs)
+    except (OSError, ValueError):
+        return DeCLIPVisionModel  # its from_pretrained reports the unreadable source
+    return _VISION_CLASSES_BY_MODEL_TYPE.get(config_dict.get("model_type"), DeCLIPVisionModel)

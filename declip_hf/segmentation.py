@@ -22,6 +22,7 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .loading_utils import image_normalisation, quiet_transformers
 from .modeling_declip import DeCLIPVisionModel
+from .modeling_declip_eva import declip_vision_class
 from .prompts import OPENAI_IMAGENET_TEMPLATES
 
 TEXT_ENCODER_SUBFOLDER = "text_encoder"
@@ -332,7 +333,9 @@ def _require_all_weights(loading_info: dict, what: str, fix: str) -> None:
 def _load_vision_tower(name_or_path: str, **kwargs) -> DeCLIPVisionModel:
     # Quiet: loading the vision tower of a full CLIP checkpoint lists every text weight as unexpected.
     with quiet_transformers():
-        vision_model, loading_info = DeCLIPVisionModel.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        # An EVA02 DeCLIP folder loads as DeCLIPEvaVisionModel; both share the dense API the segmenter reads.
+        model_class = declip_vision_class(name_or_path, **kwargs)
+        vision_model, loading_info = model_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     _require_all_weights(
         loading_info, f"The vision tower loaded from {str(name_or_path)!r}",
         fix="Pass a DeCLIP or CLIP checkpoint (a DINOv2 or other ViT folder is not one).",
