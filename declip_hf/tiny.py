@@ -1,4 +1,4 @@
-"""Tiny random checkpoints (CLIP with tokenizer, DINOv2) for tests, demos and the built-in training default.
+"""Tiny random checkpoints (CLIP with tokenizer, DINOv2, a DeCLIP EVA02 student) for tests, demos and the built-in training default.
 
 They have the exact on-disk layout of the real Hub checkpoints (`openai/clip-vit-base-patch16`,
 `facebook/dinov2-base`), only with hidden size 32 and two layers, so every loading path can be exercised offline.
@@ -13,6 +13,7 @@ from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     Dinov2Config,
     Dinov2Model,
@@ -64,6 +65,30 @@ def save_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     size = {"shortest_edge": TINY_CLIP_IMAGE_SIZE}
     crop = {"height": TINY_CLIP_IMAGE_SIZE, "width": TINY_CLIP_IMAGE_SIZE}
     CLIPImageProcessor(size=size, crop_size=crop).save_pretrained(path)
+    return path
+
+
+def save_tiny_eva(path: str | Path, seed: int = 0) -> Path:
+    """Write a random DeCLIP EVA02 vision model (docs/method.md §8; hidden 32, 2 layers, 2 heads of 16, patch 4) as
+    the converter writes one: weights, image processor, and the tiny CLIP's text tower with tokenizer in
+    `text_encoder/` (projection 24 like the vision head), so it trains, segments and releases like a converted
+    authors' checkpoint."""
+    from .configuration_declip_eva import DeCLIPEvaVisionConfig
+    from .modeling_declip_eva import DeCLIPEvaVisionModel
+    from .segmentation import TEXT_ENCODER_SUBFOLDER
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = DeCLIPEvaVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=85,
+        image_size=TINY_CLIP_IMAGE_SIZE, patch_size=TINY_CLIP_PATCH_SIZE, projection_dim=24, decoupled_attention="csa",
+    )
+    DeCLIPEvaVisionModel(config).save_pretrained(path)
+    size = {"shortest_edge": TINY_CLIP_IMAGE_SIZE}
+    crop = {"height": TINY_CLIP_IMAGE_SIZE, "width": TINY_CLIP_IMAGE_SIZE}
+    CLIPImageProcessor(size=size, crop_size=crop).save_pretrained(path)
+    CLIPTextModelWithProjection(tiny_clip_config().text_config).save_pretrained(path / TEXT_ENCODER_SUBFOLDER)
+    tiny_clip_tokenizer().save_pretrained(path / TEXT_ENCODER_SUBFOLDER)
     return path
 
 

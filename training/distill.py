@@ -46,7 +46,14 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import declip_hf
-from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPDenseOutput, DeCLIPVisionConfig, DeCLIPVisionModel
+from declip_hf import (
+    TRAINABLE_ATTENTION_MODES,
+    DeCLIPDenseOutput,
+    DeCLIPEvaVisionConfig,
+    DeCLIPVisionConfig,
+    DeCLIPVisionModel,
+)
+from declip_hf.modeling_declip_eva import declip_vision_class
 from declip_hf.loading_utils import image_normalisation, quiet_transformers
 from training.checkpointing import (
     RUN_IDENTITY_KEY,
@@ -77,7 +84,8 @@ from training.tiny_assets import make_tiny_assets
 from training.views import ViewConfig, VFMView
 
 FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STUDENT_MODEL_TYPES = ("clip", "clip_vision_model", DeCLIPVisionConfig.model_type)
+# OpenAI-style CLIP towers, and EVA02-CLIP ones (docs/method.md §8; e.g. a converted DeCLIP authors' checkpoint).
+STUDENT_MODEL_TYPES = ("clip", "clip_vision_model", DeCLIPVisionConfig.model_type, DeCLIPEvaVisionConfig.model_type)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -316,7 +324,7 @@ def check_args(args: argparse.Namespace) -> RunPlan:
     if student_config.model_type not in STUDENT_MODEL_TYPES:
         raise ValueError(f"--student {args.student!r} is a {student_config.model_type!r} model; give a CLIP "
                          f"checkpoint ({', '.join(STUDENT_MODEL_TYPES)}).")
-    student_config = DeCLIPVisionConfig.from_pretrained(args.student)
+    student_config = declip_vision_class(args.student).config_class.from_pretrained(args.student)
     vfm_views = [_vfm_view(name) for name in vfm_names(args)]  # also checks each is a supported VFM
     _check_model_numbers(args, student_config)
     view_config, vfm_view_keys = _view_config(args, student_config, vfm_views)
@@ -489,13 +497,15 @@ class DenseStudent(nn.Module):
 def build_models(args: argparse.Namespace, device: torch.device, vfm_view_keys: list[str]):
     """(student, CLIP teacher, context teachers). Only the student trains, on the path `args.decoupled_attention`
     (set by `resolve_scheme`); the frozen teachers go to `device` and stay unwrapped."""
-    student = DeCLIPVisionModel.from_pretrained(args.student, decoupled_attention=args.decoupled_attention)
+    # The student's class (OpenAI CLIP or EVA02) follows its config; the content teacher is the same model, frozen.
+    student_class = declip_vision_class(args.student)
+    student = student_class.from_pretrained(args.student, decoupled_attention=args.decoupled_attention)
     configure_trainable(student, args.num_trainable_layers)
     if args.gradient_checkpointing:
         student.activation_checkpointing_enable()
     student.train()
     frozen_dtype = FROZEN_DTYPES[args.frozen_dtype]
-    teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(args.student), frozen_dtype).to(device)
+    teacher = FrozenCLIPTeacher(student_class.from_pretrained(args.student), frozen_dtype).to(device)
     vfms = [FrozenVFM(AutoModel.from_pretrained(name), frozen_dtype) for name in vfm_names(args)]
     return student, teacher, ContextTeachers(vfms, vfm_view_keys).to(device)
 

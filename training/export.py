@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithProjection, PretrainedConfig
 
 from declip_hf import DeCLIPVisionModel
+from declip_hf.modeling_declip_eva import declip_vision_class
 from declip_hf.preprocessing import TRAINING_SIZE_FIELD
 from declip_hf.segmentation import TEXT_ENCODER_SUBFOLDER
 
@@ -33,7 +34,7 @@ def ensembled_state_dict(student: DeCLIPVisionModel, start_checkpoint: str, alph
     state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in student.state_dict().items()}
     if alpha == 1.0:
         return state
-    start = DeCLIPVisionModel.from_pretrained(start_checkpoint, dtype=torch.float32).state_dict()
+    start = declip_vision_class(start_checkpoint).from_pretrained(start_checkpoint, dtype=torch.float32).state_dict()
     # lerp(start, student, alpha) = start + alpha * (student - start): frozen tensors come back bit for bit.
     return {
         name: torch.lerp(start[name].float(), tensor.float(), alpha).to(tensor.dtype) if tensor.is_floating_point()

@@ -7,7 +7,21 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPVisionModel
+from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPEvaVisionConfig, DeCLIPVisionConfig, DeCLIPVisionModel
+
+
+# Where each student class keeps its transformer layers, and the last layer's parts by role (a role may be several
+# tensors: EVA02 keeps q's bias as a parameter beside `q_proj`, docs/method.md §8).
+STUDENT_LAYOUTS = {
+    DeCLIPVisionConfig.model_type: {
+        "layers": lambda student: student.encoder.layers,
+        "mlp": ["mlp", "layer_norm2"], "q": ["self_attn.q_proj"], "k": ["self_attn.k_proj"],
+    },
+    DeCLIPEvaVisionConfig.model_type: {
+        "layers": lambda student: student.blocks,
+        "mlp": ["mlp", "norm2"], "q": ["attn.q_proj", "attn.q_bias"], "k": ["attn.k_proj"],
+    },
+}
 
 # §5: the recipe's learning rate is given for a total batch of 16 images and scaled linearly with it.
 REFERENCE_TOTAL_BATCH = 16
@@ -27,7 +41,7 @@ def scaled_learning_rate(lr: float, total_batch: int, scaling: str) -> float:
 # The baselines' last layer (the ablations, docs/method.md §10): `vanilla` is CLIP's whole layer, so every part of
 # it trains (both losses flow into it), as in the authors' `sanity_check` mode, whose freeze list for their EVA
 # students holds only `logit_scale`; `maskclip` replaces attention by the value path, so q and k are never read.
-BASELINE_UNUSED_MODULES = {"vanilla": [], "maskclip": ["self_attn.q_proj", "self_attn.k_proj"]}
+BASELINE_UNUSED_ROLES = {"vanilla": [], "maskclip": ["q", "k"]}
 
 
 def unused_last_layer_modules(student: DeCLIPVisionModel) -> list[str]:
@@ -37,19 +51,27 @@ def unused_last_layer_modules(student: DeCLIPVisionModel) -> list[str]:
     MLP and `layer_norm2` get no gradient, and neither do the projections the mode's attention weights are not built
     from (k in `qq`, q in `kk`, q and k in `vv`; the value projection is always used). Left trainable they would make
     DDP fail ("parameters that were not used in producing loss") and AdamW would skip them anyway, so freezing them
-    changes nothing in the result. The baselines: see `BASELINE_UNUSED_MODULES`.
+    changes nothing in the result. The baselines: see `BASELINE_UNUSED_ROLES`.
     """
-    mode = student.config.decoupled_attention
-    if mode in BASELINE_UNUSED_MODULES:
-        return list(BASELINE_UNUSED_MODULES[mode])
+    mode, layout = student.config.decoupled_attention, STUDENT_LAYOUTS[student.config.model_type]
+    if mode in BASELINE_UNUSED_ROLES:
+        return [name for role in BASELINE_UNUSED_ROLES[mode] for name in layout[role]]
     if mode not in TRAINABLE_ATTENTION_MODES:
         raise ValueError(
             f"decoupled_attention={mode!r} cannot be distilled; expected one of "
             f"declip_hf.TRAINABLE_ATTENTION_MODES={TRAINABLE_ATTENTION_MODES} or a baseline "
-            f"({', '.join(BASELINE_UNUSED_MODULES)}, through distill's --ablation)."
+            f"({', '.join(BASELINE_UNUSED_ROLES)}, through distill's --ablation)."
         )
     used = student.decoupled_path.projection_names
-    return ["mlp", "layer_norm2"] + [f"self_attn.{name}_proj" for name in ("q", "k") if name not in used]
+    return layout["mlp"] + [name for role in ("q", "k") if role not in used for name in layout[role]]
+
+
+def _layer_part(layer: nn.Module, name: str):
+    """A submodule, or a bare parameter (EVA02's `attn.q_bias`)."""
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return layer.get_parameter(name)
 
 
 def configure_trainable(student: DeCLIPVisionModel, num_trainable_layers: int | None = None) -> list[str]:
@@ -58,7 +80,7 @@ def configure_trainable(student: DeCLIPVisionModel, num_trainable_layers: int | 
 
     Frozen per §5: patch/class/position embeddings, `pre_layrnorm`, `post_layernorm`, `visual_projection`.
     """
-    layers = student.encoder.layers
+    layers = STUDENT_LAYOUTS[student.config.model_type]["layers"](student)
     num_trainable_layers = len(layers) if num_trainable_layers is None else num_trainable_layers
     if not 1 <= num_trainable_layers <= len(layers):
         raise ValueError(f"num_trainable_layers must be between 1 and {len(layers)}, got {num_trainable_layers}")
@@ -66,7 +88,7 @@ def configure_trainable(student: DeCLIPVisionModel, num_trainable_layers: int | 
     for layer in layers[len(layers) - num_trainable_layers :]:
         layer.requires_grad_(True)
     for name in unused_last_layer_modules(student):
-        layers[-1].get_submodule(name).requires_grad_(False)
+        _layer_part(layers[-1], name).requires_grad_(False)
     return [name for name, parameter in student.named_parameters() if parameter.requires_grad]
 
 

@@ -26,7 +26,7 @@ from transformers import SamConfig, SamImageProcessor, SamModel, ViTConfig, ViTI
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from declip_hf.loading_utils import quiet_transformers
-from declip_hf.tiny import save_tiny_clip, save_tiny_dinov2
+from declip_hf.tiny import save_tiny_clip, save_tiny_dinov2, save_tiny_eva
 
 # The tiny teachers' patch sizes. With the tiny CLIP's patch 4 and a 64 px student view (16 x 16 grid), the DINO
 # view is 32 px and the SAM view 64 px, the same grid; SAM's 8 x 8 position grid (32 px) is then resized to 16 x 16,
@@ -131,8 +131,9 @@ def write_image_shards(folder: Path, num_images: int, num_shards: int, seed: int
     return paths
 
 
-# The teachers added after the first layout: an assets folder written before them gets them on its next use.
-LATER_TEACHERS = {"dino": save_tiny_dino, "sam": save_tiny_sam}
+# The checkpoints added after the first layout (teachers, and the EVA02 student of configs/tiny_eva.yaml): an assets
+# folder written before them gets them on its next use.
+LATER_TEACHERS = {"dino": save_tiny_dino, "sam": save_tiny_sam, "eva": save_tiny_eva}
 
 
 def make_tiny_assets(root: str | Path, num_images: int = 48, num_shards: int = 2) -> Path:
