@@ -38,7 +38,17 @@ KNOWN_BASE_ARCHITECTURES = {
 }
 
 # Licences of the CLIP families a DeCLIP student starts from; anything else must be given with --license.
-BASE_MODEL_LICENSES = {"openai/clip-vit-": "mit", "laion/CLIP-ViT-": "mit"}
+# EVA-CLIP (QuanSun/EVA-CLIP, the EVA02 students' start) is MIT; the DeCLIP authors' EVA02 checkpoints
+# (xiaomoguhzz/DeCLIP_*) come from their repository, whose LICENSE is Apache-2.0.
+BASE_MODEL_LICENSES = {
+    "openai/clip-vit-": "mit",
+    "laion/CLIP-ViT-": "mit",
+    "QuanSun/EVA-CLIP": "mit",
+    "xiaomoguhzz/DeCLIP": "apache-2.0",
+}
+# The EVA02-CLIP-B/16 shape (docs/method.md §8), whose releases the paper's EVA02 region numbers apply to.
+EVA02_B16_SHAPE = {"hidden_size": 768, "num_hidden_layers": 12, "patch_size": 16}
+EVA_MODEL_TYPE = "declip_eva_vision_model"
 
 # Paper (docs/method.md §7): training-free segmentation mIoU of DeCLIP ViT-B/16 (EVA02-CLIP start),
 # keyed by the built-in benchmark names of `declip_hf.benchmarks.SEGMENTATION_BENCHMARKS`, in the paper's column order.
@@ -175,13 +185,24 @@ def segmentation_rows(results: dict | None) -> list[dict]:
     return rows
 
 
-def region_rows(results: dict | None, base_model: str | None) -> list[dict]:
-    """One row per region benchmark; the paper's number only where benchmark, starting CLIP, resolution and region
-    protocol (the authors') match."""
+def paper_region_reference(config: dict | None, base_model: str | None) -> tuple[RegionReference, str | None]:
+    """The paper's region result a release compares with, and the release's start as that reference names it: the
+    EVA02 number for an EVA02-CLIP-B/16 model, else the OpenAI one (which applies only to an OpenAI ViT-B/16 start)."""
+    config = config or {}
+    if config.get("model_type") == EVA_MODEL_TYPE:
+        is_b16 = all(config.get(key) == value for key, value in EVA02_B16_SHAPE.items())
+        return PAPER_REGION_EVA02, PAPER_REGION_EVA02.base_model if is_b16 else None
+    return PAPER_REGION_OPENAI, base_model
+
+
+def region_rows(results: dict | None, base_model: str | None, config: dict | None = None) -> list[dict]:
+    """One row per region benchmark; the paper's number only where benchmark, starting CLIP (an EVA02-CLIP-B/16
+    model for the EVA02 number, per `config`), resolution and region protocol (the authors') match."""
+    reference, start = paper_region_reference(config, base_model)
     rows = []
     for name, metrics in ((results or {}).get("region_classification") or {}).items():
         box, mask = metrics.get("box") or {}, metrics.get("mask") or {}
-        applies = PAPER_REGION_OPENAI.applies_to(name, base_model, metrics.get("settings") or {})
+        applies = reference.applies_to(name, start, metrics.get("settings") or {})
         rows.append(
             {
                 "name": name,
@@ -190,7 +211,7 @@ def region_rows(results: dict | None, base_model: str | None) -> list[dict]:
                 "mask_thing": _number(mask.get("thing_mAcc")),
                 "mask_stuff": _number(mask.get("stuff_mAcc")),
                 "num_regions": metrics.get("num_regions", "-"),
-                "paper": str(PAPER_REGION_OPENAI) if applies else "n/a",
+                "paper": str(reference) if applies else "n/a",
             }
         )
     return rows
@@ -268,6 +289,12 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
 
 
 def _describe_architecture(config: dict) -> str:
+    if config.get("model_type") == EVA_MODEL_TYPE:
+        return (
+            f"EVA02-CLIP: {config['num_hidden_layers']} layers, width {config['hidden_size']}, patch "
+            f"{config['patch_size']}, {config['image_size']} px, projection {config['projection_dim']}, SwiGLU MLP, "
+            "2-D rotary embedding"
+        )
     return (
         f"{config['num_hidden_layers']} layers, width {config['hidden_size']}, patch {config['patch_size']}, "
         f"{config['image_size']} px, projection {config['projection_dim']}, `{config['hidden_act']}`"
@@ -429,6 +456,7 @@ def build_model_card(
         dataset=", ".join(_link(name, hub_section="datasets/") for name in datasets or [recorded_dataset]),
         decoupled_attention=config["decoupled_attention"],
         architecture=_describe_architecture(config),
+        model_class="DeCLIPEvaVisionModel" if config.get("model_type") == EVA_MODEL_TYPE else "DeCLIPVisionModel",
         patch_size=config["patch_size"],
         image_size=config["image_size"],
         training_resolution=f"{training_size} px" if training_size else "the resolution recorded below",
@@ -440,9 +468,10 @@ def build_model_card(
         versions=", ".join(f"{name} {version}" for name, version in run.versions.items()),
         protocol=(results or {}).get("protocol"),
         segmentation_rows=segmentation_rows(results),
-        region_rows=region_rows(results, base_model),
+        region_rows=region_rows(results, base_model, config),
         paper_segmentation_table=paper_segmentation_table(),
         paper_region_openai=PAPER_REGION_OPENAI,
         paper_region_eva02=PAPER_REGION_EVA02,
+        paper_region_quoted=paper_region_reference(config, base_model)[0],
         analysis=analysis,
     )

@@ -39,6 +39,7 @@ from .model_card import (
     load_results,
 )
 from .modeling_declip import DeCLIPVisionModel
+from .modeling_declip_eva import declip_vision_class
 from .preprocessing import TRAINING_SIZE_FIELD
 from .segmentation import TEXT_ENCODER_SUBFOLDER
 
@@ -245,7 +246,8 @@ def check_loads_with_package(folder: Path) -> tuple[Check, dict[str, torch.Tenso
     """Load with `DeCLIPVisionModel` (and the text tower); returns outputs on a fixed input for the remote-code
     comparison."""
     try:
-        model, info = DeCLIPVisionModel.from_pretrained(folder, output_loading_info=True)
+        # DeCLIPVisionModel, or DeCLIPEvaVisionModel for an EVA02 student: whichever class the folder's config names.
+        model, info = declip_vision_class(folder).from_pretrained(folder, output_loading_info=True)
         problems = _loading_problems(info)
         text_folder = folder / TEXT_ENCODER_SUBFOLDER
         if text_folder.is_dir():

@@ -41,7 +41,7 @@ def scaled_learning_rate(lr: float, total_batch: int, scaling: str) -> float:
 # The baselines' last layer (the ablations, docs/method.md §10): `vanilla` is CLIP's whole layer, so every part of
 # it trains (both losses flow into it), as in the authors' `sanity_check` mode, whose freeze list for their EVA
 # students holds only `logit_scale`; `maskclip` replaces attention by the value path, so q and k are never read.
-BASELINE_UNUSED_ROLES = {"vanilla": [], "maskclip": ["q", "k"]}
+BASELINE_UNUSED_MODULES = {"vanilla": [], "maskclip": ["q", "k"]}
 
 
 def unused_last_layer_modules(student: DeCLIPVisionModel) -> list[str]:
@@ -51,16 +51,16 @@ def unused_last_layer_modules(student: DeCLIPVisionModel) -> list[str]:
     MLP and `layer_norm2` get no gradient, and neither do the projections the mode's attention weights are not built
     from (k in `qq`, q in `kk`, q and k in `vv`; the value projection is always used). Left trainable they would make
     DDP fail ("parameters that were not used in producing loss") and AdamW would skip them anyway, so freezing them
-    changes nothing in the result. The baselines: see `BASELINE_UNUSED_ROLES`.
+    changes nothing in the result. The baselines: see `BASELINE_UNUSED_MODULES`.
     """
     mode, layout = student.config.decoupled_attention, STUDENT_LAYOUTS[student.config.model_type]
-    if mode in BASELINE_UNUSED_ROLES:
-        return [name for role in BASELINE_UNUSED_ROLES[mode] for name in layout[role]]
+    if mode in BASELINE_UNUSED_MODULES:
+        return [name for role in BASELINE_UNUSED_MODULES[mode] for name in layout[role]]
     if mode not in TRAINABLE_ATTENTION_MODES:
         raise ValueError(
             f"decoupled_attention={mode!r} cannot be distilled; expected one of "
             f"declip_hf.TRAINABLE_ATTENTION_MODES={TRAINABLE_ATTENTION_MODES} or a baseline "
-            f"({', '.join(BASELINE_UNUSED_ROLES)}, through distill's --ablation)."
+            f"({', '.join(BASELINE_UNUSED_MODULES)}, through distill's --ablation)."
         )
     used = student.decoupled_path.projection_names
     return layout["mlp"] + [name for role in ("q", "k") if role not in used for name in layout[role]]
