@@ -421,9 +421,9 @@ def test_offline_a_hub_id_not_in_the_cache_says_so(tmp_path, monkeypatch):
 def test_writing_the_tiny_assets_says_what_it_writes_without_progress_bars(tmp_path, capfd):
     root = make_tiny_assets(tmp_path / "assets", num_images=6, num_shards=1)
     out, err = capfd.readouterr()
-    expected = f"Writing the tiny assets (random CLIP, DINOv2, DINO and SAM checkpoints, 6 generated images) to {root}\n"
+    expected = f"Writing the tiny assets (random CLIP, EVA02, DINOv2, DINO and SAM checkpoints, 6 generated images) to {root}\n"
     assert expected == out + err
-    assert sorted(path.name for path in root.iterdir()) == ["clip", "dino", "dinov2", "images", "sam"]
+    assert sorted(path.name for path in root.iterdir()) == ["clip", "dino", "dinov2", "eva", "images", "sam"]
     # The bars are back for what follows.
     assert not datasets.are_progress_bars_disabled() and transformers_logging.is_progress_bar_enabled()
     make_tiny_assets(root)

@@ -147,8 +147,8 @@ def make_tiny_assets(root: str | Path, num_images: int = 48, num_shards: int = 2
     if root.exists():
         _add_later_teachers(root)
         return root
-    print(f"Writing the tiny assets (random CLIP, DINOv2, DINO and SAM checkpoints, {num_images} generated images) "
-          f"to {root}", file=sys.stderr, flush=True)
+    print(f"Writing the tiny assets (random CLIP, EVA02, DINOv2, DINO and SAM checkpoints, {num_images} generated "
+          f"images) to {root}", file=sys.stderr, flush=True)
     staging = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
     with quiet_transformers(), _no_datasets_progress_bars():
         save_tiny_clip(staging / "clip")
