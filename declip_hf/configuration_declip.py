@@ -100,6 +100,8 @@ def _as_declip_vision_dict(config_dict: dict, source=None) -> dict:
             f"configs of model_type {', '.join(map(repr, CLIP_FAMILY_MODEL_TYPES))}. Pass a DeCLIP or CLIP "
             "checkpoint (e.g. openai/clip-vit-base-patch16); a DINOv2 model is a context teacher (distill's --vfm), "
             "not a DeCLIP model."
+            + (" An EVA02 DeCLIP model loads with DeCLIPEvaVisionModel (or AutoModel)."
+               if model_type == "declip_eva_vision_model" else "")
         )
     if model_type == "declip_vision_model":
         config_dict = {key: value for key, value in config_dict.items() if key != _PLAIN_CLIP_KEY}

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import can_return_tuple
 
@@ -113,8 +114,8 @@ class EvaSwiGLU(nn.Module):
         return self.w3(self.ffn_ln(F.silu(self.w1(hidden_states)) * self.w2(hidden_states)))
 
 
-class EvaBlock(nn.Module):
-    """Pre-norm block without layer scale."""
+class EvaBlock(GradientCheckpointingLayer):
+    """Pre-norm block without layer scale (checkpointed in training after `activation_checkpointing_enable()`)."""
 
     def __init__(self, config: DeCLIPEvaVisionConfig):
         super().__init__()
@@ -212,6 +213,7 @@ class DeCLIPEvaVisionModel(DenseFeaturesMixin, PreTrainedModel):
     input_modalities = ("image",)
     _no_split_modules = ["EvaBlock"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: DeCLIPEvaVisionConfig):
         super().__init__(config)

@@ -292,3 +292,24 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
     with torch.no_grad():
         expected = model.get_dense_features(pixels()).dense_embeds
     assert torch.equal(load_file(tmp_path / "out.safetensors")["dense"], expected)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """distill's --gradient_checkpointing: the checkpointed blocks recompute in backward, same gradients."""
+    plain, checkpointed = tiny_eva_model(decoupled_attention="csa"), tiny_eva_model(decoupled_attention="csa")
+    checkpointed.activation_checkpointing_enable()
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        model.get_dense_features(pixels()).dense_embeds.square().sum().backward()
+        grads.append(model.blocks[0].attn.q_proj.weight.grad)
+    assert checkpointed.blocks[0].gradient_checkpointing
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_the_clip_class_points_an_eva_folder_to_the_eva_class(tmp_path):
+    from declip_hf import DeCLIPVisionModel
+
+    tiny_eva_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="loads with DeCLIPEvaVisionModel"):
+        DeCLIPVisionModel.from_pretrained(tmp_path)
