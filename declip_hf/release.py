@@ -38,7 +38,6 @@ from .model_card import (
     hub_id_or_none,
     load_results,
 )
-from .modeling_declip import DeCLIPVisionModel
 from .modeling_declip_eva import declip_vision_class
 from .preprocessing import TRAINING_SIZE_FIELD
 from .segmentation import TEXT_ENCODER_SUBFOLDER
