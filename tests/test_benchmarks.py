@@ -37,3 +37,18 @@ def test_data_loader_benchmark_reports_stages_and_workers():
     stages = {row[0] for row in table_rows(output, "") if len(row) == 2}
     assert {"decode", "teacher crops", "student view", "VFM view"} <= stages
     assert table_rows(output, "0")[0][1].replace(".", "").isdigit()  # the loader's images/s with 0 workers
+
+
+def test_gpu_check_script_parses_and_names_its_options():
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    result = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "--dry-run" in result.stderr
+
+
+def test_train_step_benchmark_prints_matmul_rates_and_ratios():
+    output = run_benchmark("train_step.py", "--tiny", "--steps", "1", "--matmul_seconds", "0.2", "--variants", "fp32",
+                           "bf16 autocast + bf16 teachers")
+    assert re.search(r"matmul rates before: fp32 matmul \d+ GFLOP/s, bf16 \d+ GFLOP/s, R = \d+\.\d\d", output)
+    ratios = [row[3] for row in table_rows(output, "fp32") + table_rows(output, "bf16 autocast")]
+    assert ratios[0] == "1.00" and float(ratios[1]) > 0
