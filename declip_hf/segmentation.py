@@ -589,8 +589,10 @@ class DeCLIPSegmenter(nn.Module):
                 if refine is not None:
                     image = F.interpolate(image[None], size=original_size, mode="bilinear", align_corners=False)
                     cosine = refine(image, cosine)
-                # In place: `cosine` is the interpolation's own new tensor, and a per-class full-size map is large.
-                class_probs = classes.max_over_names(cosine[0].mul_(logit_scale).softmax(dim=0), dim=0)
+                # In place when `cosine` is the interpolation's own new tensor (a per-class full-size map is large);
+                # a refinement's output may be a tensor it keeps, so that one is not overwritten.
+                scaled = cosine[0].mul_(logit_scale) if refine is None else cosine[0] * logit_scale
+                class_probs = classes.max_over_names(scaled.softmax(dim=0), dim=0)
                 label_maps[index] = _threshold_labels(
                     class_probs, background_threshold, area_threshold,
                     check_finite=f"The class probabilities of image {index}",

@@ -581,3 +581,15 @@ def test_a_refinement_that_returns_nan_is_an_error_not_a_label_map(segmenter):
 
     with pytest.raises(ValueError, match="class probabilities of image 0 hold NaN"):
         segmenter([torch.rand(3, 20, 20)], ["a", "b"], shorter_side=20, window=16, stride=8, refine=broken_refine)
+
+
+def test_a_refinement_output_is_not_overwritten(segmenter):
+    kept = {}
+
+    def keeping_refine(image, similarities):
+        kept["maps"] = similarities.clone()
+        kept["copy"] = kept["maps"].clone()
+        return kept["maps"]
+
+    segmenter([torch.rand(3, 20, 20)], ["a", "b"], shorter_side=20, window=16, stride=8, refine=keeping_refine)
+    assert torch.equal(kept["maps"], kept["copy"])  # the logit scale was applied to a copy
