@@ -77,6 +77,12 @@ class ClassEmbeddings(ModelOutput):
     def max_over_names(self, name_scores: torch.Tensor, dim: int) -> torch.Tensor:
         """Per-class scores from per-name scores along `dim`: a class with several names scores their max."""
         num_classes = self.num_classes  # name_to_class lives on the CPU: no device sync
+        if num_classes == len(self.name_to_class) and torch.equal(
+            self.name_to_class, torch.arange(num_classes, device=self.name_to_class.device)
+        ):
+            # One name per class, in class order: the scores already are per class, and the scatter below would
+            # only copy them into a new full-size tensor.
+            return name_scores
         scores = name_scores.movedim(dim, 0)
         # One scatter for all classes (no per-class host sync); every class has at least one name, so
         # `include_self=False` leaves no slot at its zero initial value.
@@ -248,7 +254,7 @@ def slide_inference(
         for (y1, y2, x1, x2), window_logits in zip(chunk, crop_logits):
             logits[:, :, y1:y2, x1:x2] += window_logits
             count_map[y1:y2, x1:x2] += 1
-    return SlideInferenceOutput(logits=logits / count_map, count_map=count_map)
+    return SlideInferenceOutput(logits=logits.div_(count_map), count_map=count_map)  # in place: no second full map
 
 
 def resized_shape(height: int, width: int, shorter_side: int, max_longer_side: int = 2048) -> tuple[int, int]:
@@ -572,11 +578,13 @@ class DeCLIPSegmenter(nn.Module):
         label_maps = [None] * len(tensors)
         probabilities = [None] * len(tensors) if return_probabilities else None
         for indices, resized in self._batches_of_equal_size(tensors, shorter_side, max_longer_side):
+            # The similarity maps are checked at the patch grid, before upsampling: a bilinear blend and a mean
+            # of finite values stay finite, and the check then costs a fraction of one on the full-size maps.
+            what = f"The similarity maps of images {indices}"
             averaged = slide_inference(
-                resized, lambda crops: self.window_logits(crops, name_embeds), window, stride,
+                resized, lambda crops: self.window_logits(crops, name_embeds, check_finite=what), window, stride,
                 num_classes=len(name_embeds), windows_per_batch=windows_per_batch,
             ).logits
-            require_finite(averaged, f"The similarity maps of images {indices}")
             for index, cosine, image in zip(indices, averaged, resized):
                 original_size = tuple(tensors[index].shape[-2:])
                 # As in SCLIP / NACLIP: the window average is upsampled first, then refined, scaled and softmaxed.
@@ -584,9 +592,14 @@ class DeCLIPSegmenter(nn.Module):
                 if refine is not None:
                     image = F.interpolate(image[None], size=original_size, mode="bilinear", align_corners=False)
                     cosine = refine(image, cosine)
-                class_probs = classes.max_over_names((cosine[0] * logit_scale).softmax(dim=0), dim=0)
-                require_finite(class_probs, f"The class probabilities of image {index}")
-                label_maps[index] = _threshold_labels(class_probs, background_threshold, area_threshold)
+                # In place when `cosine` is the interpolation's own new tensor (a per-class full-size map is large);
+                # a refinement's output may be a tensor it keeps, so that one is not overwritten.
+                scaled = cosine[0].mul_(logit_scale) if refine is None else cosine[0] * logit_scale
+                class_probs = classes.max_over_names(scaled.softmax(dim=0), dim=0)
+                label_maps[index] = _threshold_labels(
+                    class_probs, background_threshold, area_threshold,
+                    check_finite=f"The class probabilities of image {index}",
+                )
                 if probabilities is not None:
                     probabilities[index] = class_probs.cpu()  # on the CPU, like the label maps
         return DeCLIPSegmentationOutput(label_maps=label_maps, probabilities=probabilities)
@@ -605,13 +618,18 @@ class DeCLIPSegmenter(nn.Module):
             )
             yield indices, (batch - self.image_mean) / self.image_std
 
-    def window_logits(self, crops: torch.Tensor, name_embeds: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity (n, num_names, h, w) of every pixel of window crops (n, 3, h, w) with every name."""
+    def window_logits(
+        self, crops: torch.Tensor, name_embeds: torch.Tensor, check_finite: str | None = None
+    ) -> torch.Tensor:
+        """Cosine similarity (n, num_names, h, w) of every pixel of window crops (n, 3, h, w) with every name.
+        With `check_finite` (what to call the maps in the error), a ValueError when a patch's score is NaN or inf."""
         _, _, height, width = crops.shape
         left, right, top, bottom = patch_padding(height, width, self.vision_model.patch_size)
         padded = F.pad(crops, (left, right, top, bottom))
         dense = self.vision_model.get_dense_features(padded).dense_embeds  # (n, D, h / p, w / p), normalised
         cosine = torch.einsum("ndhw,qd->nqhw", dense.float(), name_embeds.float())
+        if check_finite is not None:
+            require_finite(cosine, check_finite)
         cosine = F.interpolate(cosine, size=padded.shape[-2:], mode="bilinear", align_corners=False)
         return cosine[:, :, top : top + height, left : left + width]
 
@@ -627,11 +645,17 @@ def _drop_small_classes(class_probs: torch.Tensor, area_threshold: float) -> tor
 
 
 def _threshold_labels(
-    class_probs: torch.Tensor, background_threshold: float | None, area_threshold: float | None = None
+    class_probs: torch.Tensor, background_threshold: float | None, area_threshold: float | None = None,
+    check_finite: str | None = None,
 ) -> torch.LongTensor:
+    """Label map (H, W) from class probabilities (num_classes, H, W). With `check_finite` (what to call the
+    probabilities in the error), a ValueError when any probability is NaN: `max` propagates NaN, so checking the
+    (H, W) maximum covers all classes (softmax never gives inf)."""
     if area_threshold is not None:
         class_probs = _drop_small_classes(class_probs, area_threshold)
     max_probs, labels = class_probs.max(dim=0)
+    if check_finite is not None:
+        require_finite(max_probs, check_finite)
     if background_threshold is not None:
         labels[max_probs < background_threshold] = 0
     return labels.cpu()

@@ -511,3 +511,85 @@ def test_demo_cli_refuses_a_dinov2_model_in_one_line(tmp_path, tiny_dinov2_dir, 
         capsys,
     )
     assert line.startswith("error: ") and "dinov2" in line.lower(), line
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The fast path gives the results of a plain computation (benchmarks/segmentation.py measures its speed)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def reference_segmentation(segmenter, image, classes, shorter_side, window, stride, logit_scale, threshold):
+    """SCLIP-style slide inference written out plainly: one window at a time, a new tensor at every step, and the
+    max over each class's names as a loop. Returns (label map, class probabilities)."""
+    height, width = image.shape[-2:]
+    resized = F.interpolate(image[None], size=resized_shape(height, width, shorter_side), mode="bilinear",
+                            align_corners=False)
+    resized = (resized - segmenter.image_mean) / segmenter.image_std
+    num_names = len(classes.name_embeds)
+    summed = torch.zeros(1, num_names, *resized.shape[-2:])
+    count = torch.zeros(resized.shape[-2:])
+    patch = segmenter.vision_model.patch_size
+    for y1, y2, x1, x2 in sliding_windows(*resized.shape[-2:], window, stride):
+        crop = resized[:, :, y1:y2, x1:x2]
+        left, right, top, bottom = patch_padding(y2 - y1, x2 - x1, patch)
+        padded = F.pad(crop, (left, right, top, bottom))
+        dense = segmenter.vision_model.get_dense_features(padded).dense_embeds
+        cosine = torch.einsum("ndhw,qd->nqhw", dense, classes.name_embeds)
+        cosine = F.interpolate(cosine, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        summed[:, :, y1:y2, x1:x2] = summed[:, :, y1:y2, x1:x2] + cosine[:, :, top : top + y2 - y1, left : left + x2 - x1]
+        count[y1:y2, x1:x2] = count[y1:y2, x1:x2] + 1
+    averaged = F.interpolate(summed / count, size=(height, width), mode="bilinear", align_corners=False)[0]
+    name_probs = torch.softmax(averaged * logit_scale, dim=0)
+    class_probs = torch.stack([
+        name_probs[classes.name_to_class == index].max(dim=0).values for index in range(classes.num_classes)
+    ])
+    max_probs, labels = class_probs.max(dim=0)
+    if threshold is not None:
+        labels = torch.where(max_probs < threshold, 0, labels)
+    return labels, class_probs
+
+
+@pytest.mark.parametrize("name_to_class", [[0, 1, 2, 3], [0, 2, 1, 1, 3, 0], [1, 0, 2, 3]], ids=["one-name", "synonyms", "permuted"])
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_segmenter_matches_a_plain_reference_computation(segmenter, name_to_class, threshold):
+    generator = torch.Generator().manual_seed(len(name_to_class))
+    classes = ClassEmbeddings(
+        name_embeds=F.normalize(torch.randn(len(name_to_class), 24, generator=generator), dim=-1),
+        name_to_class=torch.tensor(name_to_class),
+    )
+    images = [torch.rand(3, 29, 41, generator=generator), torch.rand(3, 29, 41, generator=generator),
+              torch.rand(3, 37, 23, generator=generator)]
+    settings = dict(shorter_side=36, window=20, stride=12, logit_scale=40.0)
+    # One image and one window per model call, as in the reference: the model's own batching moves its features by
+    # float rounding, which the logit scale lifts to ~1e-6 (the batched calls are compared in the test above).
+    outputs = [segmenter([image], classes, background_threshold=threshold, return_probabilities=True,
+                         windows_per_batch=1, **settings) for image in images]
+    with torch.no_grad():
+        for image, output in zip(images, outputs):
+            labels, probabilities = output.label_maps[0], output.probabilities[0]
+            expected_labels, expected_probs = reference_segmentation(segmenter, image, classes, threshold=threshold,
+                                                                     **settings)
+            torch.testing.assert_close(probabilities, expected_probs, atol=1e-6, rtol=0)
+            assert torch.equal(labels, expected_labels)
+            if threshold is not None:
+                assert (labels == 0).any() and (labels != 0).any()  # the threshold decided some pixels
+
+
+def test_a_refinement_that_returns_nan_is_an_error_not_a_label_map(segmenter):
+    def broken_refine(image, similarities):
+        return torch.full_like(similarities, math.nan)
+
+    with pytest.raises(ValueError, match="class probabilities of image 0 hold NaN"):
+        segmenter([torch.rand(3, 20, 20)], ["a", "b"], shorter_side=20, window=16, stride=8, refine=broken_refine)
+
+
+def test_a_refinement_output_is_not_overwritten(segmenter):
+    kept = {}
+
+    def keeping_refine(image, similarities):
+        kept["maps"] = similarities.clone()
+        kept["copy"] = kept["maps"].clone()
+        return kept["maps"]
+
+    segmenter([torch.rand(3, 20, 20)], ["a", "b"], shorter_side=20, window=16, stride=8, refine=keeping_refine)
+    assert torch.equal(kept["maps"], kept["copy"])  # the logit scale was applied to a copy

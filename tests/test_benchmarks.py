@@ -1,0 +1,54 @@
+"""The benchmark scripts run (their --tiny smoke modes) and print their tables. Nothing here is timed: the figures
+are machine-dependent and belong in the README, not in assertions."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def table_rows(output: str, first_cell: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in output.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_segmentation_benchmark_splits_model_and_rest_time():
+    output = run_benchmark("segmentation.py", "--tiny", "--repeats", "1", "--images", "1")
+    rows = {row[0]: row for row in table_rows(output, "voc21") + table_rows(output, "ade150")}
+    assert set(rows) == {"voc21 (21 classes)", "ade150 (150 classes)"}
+    for row in rows.values():
+        images_per_s, model_s, rest_s, share = map(float, row[2:6])
+        assert images_per_s > 0 and model_s > 0 and rest_s >= 0 and share >= 0
+
+
+def test_data_loader_benchmark_reports_stages_and_workers():
+    output = run_benchmark("data_loader.py", "--tiny", "--workers", "0")
+    assert re.search(r"images/s per worker: \d+\.\d", output)
+    stages = {row[0] for row in table_rows(output, "") if len(row) == 2}
+    assert {"decode", "teacher crops", "student view", "VFM view"} <= stages
+    assert table_rows(output, "0")[0][1].replace(".", "").isdigit()  # the loader's images/s with 0 workers
+
+
+def test_gpu_check_script_parses_and_names_its_options():
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    result = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "--dry-run" in result.stderr
+
+
+def test_train_step_benchmark_prints_matmul_rates_and_ratios():
+    output = run_benchmark("train_step.py", "--tiny", "--steps", "1", "--matmul_seconds", "0.2", "--variants", "fp32",
+                           "bf16 autocast + bf16 teachers")
+    assert re.search(r"matmul rates before: fp32 matmul \d+ GFLOP/s, bf16 \d+ GFLOP/s, R = \d+\.\d\d", output)
+    ratios = [row[3] for row in table_rows(output, "fp32") + table_rows(output, "bf16 autocast")]
+    assert ratios[0] == "1.00" and float(ratios[1]) > 0
