@@ -9,6 +9,14 @@ DECOUPLED_ATTENTION_MODES = ("qq", "kk", "vv", "csa", "all", "vanilla", "maskcli
 TRAINABLE_ATTENTION_MODES = ("qq", "kk", "vv", "csa", "all")
 
 
+def check_decoupled_attention(mode) -> None:
+    """Raise a ValueError naming the valid modes unless `mode` is one of `DECOUPLED_ATTENTION_MODES`."""
+    if mode not in DECOUPLED_ATTENTION_MODES:
+        raise ValueError(
+            f"Unknown decoupled_attention {mode!r}; valid values are {', '.join(DECOUPLED_ATTENTION_MODES)}."
+        )
+
+
 @strict
 class DeCLIPVisionConfig(CLIPVisionConfig):
     r"""
@@ -41,10 +49,8 @@ class DeCLIPVisionConfig(CLIPVisionConfig):
         # Checked on every assignment rather than in a `validate_*` method: `@strict` wraps those errors in a
         # `StrictDataclassClassValidationError` (not a ValueError), and `from_pretrained(..., decoupled_attention=x)`
         # sets the attribute after construction, which no class validator sees.
-        if name == "decoupled_attention" and value not in DECOUPLED_ATTENTION_MODES:
-            raise ValueError(
-                f"Unknown decoupled_attention {value!r}; valid values are {', '.join(DECOUPLED_ATTENTION_MODES)}."
-            )
+        if name == "decoupled_attention":
+            check_decoupled_attention(value)
         super().__setattr__(name, value)
 
     @classmethod

@@ -3,7 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from .configuration_declip import DECOUPLED_ATTENTION_MODES
+from .configuration_declip import check_decoupled_attention
 
 
 @strict
@@ -43,10 +43,8 @@ class DeCLIPEvaVisionConfig(PreTrainedConfig):
 
     def __setattr__(self, name, value):
         # As DeCLIPVisionConfig: checked on every assignment, so `from_pretrained(..., decoupled_attention=x)` is too.
-        if name == "decoupled_attention" and value not in DECOUPLED_ATTENTION_MODES:
-            raise ValueError(
-                f"Unknown decoupled_attention {value!r}; valid values are {', '.join(DECOUPLED_ATTENTION_MODES)}."
-            )
+        if name == "decoupled_attention":
+            check_decoupled_attention(value)
         super().__setattr__(name, value)
 
     def validate_architecture(self):
