@@ -26,6 +26,15 @@ _ROPE_BUFFER = re.compile(r"^visual\.(?:blocks\.\d+\.attn\.)?rope\.freqs_(cos|si
 _TEXT_PREFIX = "text."
 
 
+def square_patch_grid(num_positions: int, key: str) -> int:
+    """The side of the square patch grid of a position table with `num_positions` rows (CLS first); shared by the
+    OpenAI and EVA02 converters."""
+    grid = round((num_positions - 1) ** 0.5)
+    if grid * grid != num_positions - 1:
+        raise ValueError(f"{key} has {num_positions} rows: not 1 + a square grid of patches.")
+    return grid
+
+
 @dataclass(frozen=True)
 class EvaVisionShape:
     width: int
@@ -57,10 +66,7 @@ def infer_eva_vision_shape(state_dict: dict[str, torch.Tensor]) -> EvaVisionShap
             "visual.trunk.*) is a different layout."
         )
     width, _, patch_size, _ = state_dict["visual.patch_embed.proj.weight"].shape
-    num_positions = state_dict["visual.pos_embed"].shape[1]
-    grid = round((num_positions - 1) ** 0.5)
-    if grid * grid != num_positions - 1:
-        raise ValueError(f"visual.pos_embed has {num_positions} rows: not 1 + a square grid of patches.")
+    grid = square_patch_grid(state_dict["visual.pos_embed"].shape[1], "visual.pos_embed")
     return EvaVisionShape(
         width=width,
         layers=_num_blocks(state_dict),

@@ -37,7 +37,13 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from .configuration_declip import DECOUPLED_ATTENTION_MODES, DeCLIPVisionConfig
-from .convert_eva_clip import EVA02_ARCHITECTURES, convert_eva_vision, eva_text_state_dict, is_eva02_architecture
+from .convert_eva_clip import (
+    EVA02_ARCHITECTURES,
+    convert_eva_vision,
+    eva_text_state_dict,
+    is_eva02_architecture,
+    square_patch_grid,
+)
 from .modeling_declip import DeCLIPVisionModel
 from .segmentation import TEXT_ENCODER_SUBFOLDER
 
@@ -183,10 +189,7 @@ def _num_layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
 def infer_vision_shape(state_dict: dict[str, torch.Tensor]) -> VisionShape:
     """Read the tower's size from tensor shapes alone (meta tensors suffice)."""
     width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
-    num_positions = state_dict["visual.positional_embedding"].shape[0]
-    grid = round((num_positions - 1) ** 0.5)
-    if grid * grid != num_positions - 1:
-        raise ValueError(f"visual.positional_embedding has {num_positions} rows: not 1 + a square grid of patches.")
+    grid = square_patch_grid(state_dict["visual.positional_embedding"].shape[0], "visual.positional_embedding")
     return VisionShape(
         width=width,
         layers=_num_layers(state_dict, "visual.transformer.resblocks."),

@@ -98,15 +98,20 @@ def test_trainable_set_and_every_trainable_parameter_gets_a_gradient(mode, tiny_
 
     teacher = FrozenCLIPTeacher(DeCLIPVisionModel.from_pretrained(tiny_clip_dir))
     vfm = ContextTeachers([FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))], ["vfm"])
-    batch = _batch(2, seed=1)
-    terms = distill.training_step(batch, distill.DenseStudent(student), teacher, vfm, DeCLIPLoss(), Accelerator(cpu=True))
+    _assert_one_step_reaches_exactly(student, trainable, teacher, vfm)
+    assert all(p.grad is None for p in [*teacher.parameters(), *vfm.parameters()])
+
+
+def _assert_one_step_reaches_exactly(student, trainable: set[str], teacher, vfm) -> None:
+    """One training step's backward gives every trainable parameter a non-zero gradient and the others none."""
+    terms = distill.training_step(_batch(2, seed=1), distill.DenseStudent(student), teacher, vfm, DeCLIPLoss(),
+                                  Accelerator(cpu=True))
     terms["total"].backward()
     for name, parameter in student.named_parameters():
         if name in trainable:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
         else:
             assert parameter.grad is None, name
-    assert all(p.grad is None for p in [*teacher.parameters(), *vfm.parameters()])
 
 
 def test_num_trainable_layers_keeps_earlier_layers_frozen(tiny_clip_dir):

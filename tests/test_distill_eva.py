@@ -3,16 +3,14 @@
 import pytest
 import torch
 from PIL import Image
-from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import AutoModel
 
 from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPEvaVisionModel, DeCLIPSegmenter
 from declip_hf.tiny import save_tiny_dinov2, save_tiny_eva
 from tests.conftest import REPO_ROOT
-from tests.test_distill import _base_argv, _batch, _launch, _logs, _run_in_process
+from tests.test_distill import _assert_one_step_reaches_exactly, _base_argv, _launch, _logs, _run_in_process
 from training import distill
-from training.losses import DeCLIPLoss
 from training.optim import configure_trainable
 from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM
 from training.tiny_assets import make_tiny_assets
@@ -41,14 +39,7 @@ def test_eva_trainable_set_and_every_trainable_parameter_gets_a_gradient(mode, t
 
     teacher = FrozenCLIPTeacher(DeCLIPEvaVisionModel.from_pretrained(tiny_eva_dir))
     vfm = ContextTeachers([FrozenVFM(AutoModel.from_pretrained(save_tiny_dinov2(tmp_path / "dinov2")))], ["vfm"])
-    terms = distill.training_step(_batch(2, seed=1), distill.DenseStudent(student), teacher, vfm, DeCLIPLoss(),
-                                  Accelerator(cpu=True))
-    terms["total"].backward()
-    for name, parameter in student.named_parameters():
-        if name in trainable:
-            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
-        else:
-            assert parameter.grad is None, name
+    _assert_one_step_reaches_exactly(student, trainable, teacher, vfm)
 
 
 def test_tiny_eva_config_makes_its_assets_trains_and_saves(tmp_path, monkeypatch):
