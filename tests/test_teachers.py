@@ -8,11 +8,26 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, SamVisionConfig
 from transformers.models.sam.modeling_sam import SamVisionEncoder
 
-from training.teachers import VFM_ADAPTERS, ContextTeachers, FrozenVFM, check_vfm_config, vfm_patch_size
-from training.tiny_assets import TINY_DINO_PATCH_SIZE, TINY_SAM_PATCH_SIZE, save_tiny_dino, save_tiny_sam
+from declip_hf import DeCLIPEvaVisionModel, DeCLIPVisionModel
+from training.teachers import (
+    VFM_ADAPTERS,
+    ContextTeachers,
+    FrozenCLIPTeacher,
+    FrozenVFM,
+    check_vfm_config,
+    vfm_patch_size,
+)
+from training.tiny_assets import (
+    TINY_DINO_PATCH_SIZE,
+    TINY_SAM_PATCH_SIZE,
+    save_tiny_dino,
+    save_tiny_eva,
+    save_tiny_sam,
+)
 from training.views import ViewConfig, VFMView, make_views
 
 
@@ -196,3 +211,39 @@ def test_context_teachers_read_their_own_views(tiny_dino_dir, tiny_sam_dir):
     torch.testing.assert_close(sam_map, sam(batch["vfm_1"]))
     assert dino_map.shape[-2:] == sam_map.shape[-2:] == (16, 16)
     assert ContextTeachers([], [])(batch) == ()
+
+
+# ------------------------------------------------------------------------------------------------- content teacher
+@pytest.fixture(scope="module")
+def tiny_eva_teacher_dir(tmp_path_factory):
+    return save_tiny_eva(tmp_path_factory.mktemp("tiny_eva_teacher"))
+
+
+@pytest.mark.parametrize("family", ["clip", "eva02"])
+@pytest.mark.parametrize("side", [32, 48])  # the checkpoint's own size, and crops that resize the position embedding
+def test_content_teacher_runs_the_last_layer_for_cls_only_with_the_models_own_embedding(
+        family, side, tiny_clip_dir, tiny_eva_teacher_dir):
+    """The teacher's shortcut (last layer for the CLS query only) gives `get_image_features`' embedding, and the
+    last layer's MLP really sees one token per crop."""
+    model_class, folder = {"clip": (DeCLIPVisionModel, tiny_clip_dir),
+                           "eva02": (DeCLIPEvaVisionModel, tiny_eva_teacher_dir)}[family]
+    crops = torch.randn(5, 3, side, side, generator=torch.Generator().manual_seed(side))
+    reference_model = model_class.from_pretrained(folder).eval()
+    extra = {"interpolate_pos_encoding": True} if family == "clip" else {}
+    with torch.no_grad():
+        expected = F.normalize(reference_model.get_image_features(crops, **extra).pooler_output, dim=-1)
+
+    teacher = FrozenCLIPTeacher(model_class.from_pretrained(folder))
+    last = teacher.model.encoder.layers[-1] if family == "clip" else teacher.model.blocks[-1]
+    mlp_inputs = []
+    last.mlp.register_forward_hook(lambda module, inputs, output: mlp_inputs.append(inputs[0].shape))
+    embeds = teacher(crops)
+
+    torch.testing.assert_close(embeds, expected, atol=2e-6, rtol=0)
+    assert mlp_inputs == [torch.Size([5, 1, last.mlp.fc1.in_features if family == "clip" else last.mlp.w1.in_features])]
+    assert embeds.dtype == torch.float32 and not embeds.requires_grad
+
+
+def test_content_teacher_refuses_a_model_it_has_no_cls_path_for(tiny_dinov2_dir):
+    with pytest.raises(ValueError, match="No content teacher for a 'dinov2' model"):
+        FrozenCLIPTeacher(AutoModel.from_pretrained(tiny_dinov2_dir))
