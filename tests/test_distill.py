@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -706,3 +707,36 @@ def test_ablation_configs_are_the_recipe_with_only_the_teacher_changed():
         changed = {key for key in recipe if recipe[key] != args[key]} - {"config", "output_dir", *teacher_keys}
         assert not changed, (name, changed)
         assert f"--config configs/ablations/{name}.yaml" in path.read_text()
+
+
+NO_CPP_COMPILER = not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "clang++"))
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=pytest.mark.skipif(
+        NO_CPP_COMPILER, reason="inductor compiles C++ on the CPU and no C++ compiler is installed (.ci/run installs "
+        "g++ from Debian)")),
+])
+def test_compiled_run_trains_as_the_eager_run(backend, uninterrupted_run, tiny_clip_dir, tiny_dinov2_dir,
+                                              single_shard, tmp_path):
+    """--compile compiles the student, the content teacher and the context teacher in place: the run logs the eager
+    run's losses (to float rounding) and saves a model with the same keys and weights. Two backends: aot_eager
+    (quick; traces forward and backward as inductor does) and inductor, the default, which also generates kernels."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run_dir = tmp_path / "compiled"
+    argv = _resume_argv(tiny_clip_dir, tiny_dinov2_dir, single_shard, run_dir)
+    result = _run_in_process(argv + ["--compile", "--compile_backend", backend])
+    assert result["finished"] and result["steps"] == 10
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # student, teacher and VFM were compiled
+    expected = {record["step"]: record for record in _logs(uninterrupted_run)}
+    for record in _logs(run_dir):
+        for key in ("loss/content", "loss/context", "loss/total"):
+            assert record[key] == pytest.approx(expected[record["step"]][key], rel=1e-4), (record["step"], key)
+    final = DeCLIPVisionModel.from_pretrained(run_dir / "model").state_dict()
+    reference = DeCLIPVisionModel.from_pretrained(uninterrupted_run / "model").state_dict()
+    assert final.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(final[name], value, rtol=0, atol=1e-4)
+    torch._dynamo.reset()

@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num_trainable_layers", type=int, help="Train only the last N encoder layers (default: all, as §5).")
     add("--gradient_checkpointing", action=flag, default=False, help="Recompute encoder activations in the "
         "backward pass: much less memory, a little more time.")
+    add("--compile", action=flag, default=False, help="torch.compile the student, the content teacher and the "
+        "context teachers (the first steps wait for compilation; numerics equal the eager step's to float rounding).")
+    add("--compile_backend", default="inductor", help="torch.compile backend for --compile (e.g. aot_eager to "
+        "debug a compilation problem).")
     add("--mixed_precision", choices=("no", "fp16", "bf16"), help="Autocast precision; by default what "
         "`accelerate launch --mixed_precision` / `accelerate config` says.")
     add("--seed", type=int, default=0, help="Seed of the shuffle, the crops and the RNGs.")
@@ -494,6 +498,13 @@ class DenseStudent(nn.Module):
         return self.model.get_dense_features(pixel_values)
 
 
+def compile_in_place(modules, backend: str) -> None:
+    """`nn.Module.compile` each module: its forward is compiled on first use, while the module, its attribute names
+    and its state_dict keys stay the same, so checkpoints, `unwrap_model` and export see the eager model."""
+    for module in modules:
+        module.compile(backend=backend)
+
+
 def build_models(args: argparse.Namespace, device: torch.device, vfm_view_keys: list[str]):
     """(student, CLIP teacher, context teachers). Only the student trains, on the path `args.decoupled_attention`
     (set by `resolve_scheme`); the frozen teachers go to `device` and stay unwrapped."""
@@ -638,7 +649,10 @@ def setup_run(args: argparse.Namespace, argv: list[str], plan: RunPlan, accelera
     optimizer = build_optimizer(student, lr, args.weight_decay, args.betas, args.eps,
                                 accelerator.device.type)
     scheduler = build_scheduler(optimizer, args.warmup_steps, total_steps, accelerator.num_processes)
-    prepared, optimizer, scheduler = accelerator.prepare(DenseStudent(student), optimizer, scheduler)
+    dense_student = DenseStudent(student)
+    if args.compile:
+        compile_in_place((dense_student, teacher, *context_teachers.vfms), args.compile_backend)
+    prepared, optimizer, scheduler = accelerator.prepare(dense_student, optimizer, scheduler)
     dataset = build_dataset(args, plan, accelerator)
     position, progress_state, epoch_images = StreamPosition(), None, None
     if plan.resume_path is not None:
