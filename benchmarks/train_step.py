@@ -1,28 +1,31 @@
-"""Speed and memory of one DeCLIP distillation step on the CPU (DeCLIP, CVPR 2025; docs/method.md §3-5).
+"""Speed and memory of one DeCLIP distillation step (DeCLIP, CVPR 2025; docs/method.md §3-5), against the authors'.
 
 The real recipe's shapes with random weights built from configs (nothing is downloaded): a ViT-B/16 student at
-560 px, 20 teacher crops of 224 px per image, a DINOv2-B VFM at 490 px, batch 2; the teacher rows swap in SAM-B
-(its encoder and neck at 560 px, docs/method.md §9) or DINO-B/16 (560 px). Each variant runs in its own process, so
-the peak resident memory (ru_maxrss) is that variant's own. The step is the training script's: VFM features and
-teacher crop embeddings without grad, the student's dense features, both losses, backward, AdamW. Reported:
-seconds per step, images/s, peak RSS, the time split into VFM, teacher crops and the student's forward+backward
-(with the loss and optimizer update), and the VFM part's own peak: how far its forward raised the RSS above the
-built models (it runs first in the step, so nothing else has raised it yet).
+560 px, 20 teacher crops of 224 px per image, a DINOv2-B VFM at 490 px, batch 2; other rows swap in SAM-B (its
+encoder and neck at 560 px, docs/method.md §9) or DINO-B/16 (560 px). The step is the training script's: VFM
+features and teacher crop embeddings without grad, the student's dense features, both losses, backward, AdamW, with
+the flags each row names (`--gradient_checkpointing`, `--mixed_precision bf16 --frozen_dtype bfloat16`,
+`--compile`). With `--authors_src`, the first row is the authors' own step on the same shapes (authors_step.py).
 
-The machine's fp32 and bf16 matrix-multiply rates are measured before and after the variants (their ratio R is
-what bf16 can gain at best), and every variant's images/s is given as a ratio to the first variant's, all in one run.
+Each row runs in its own process, so its peak resident memory (ru_maxrss) is its own. Every row is measured once per
+round and the rounds follow each other, so a slow spell of a shared machine hits all rows alike; the table gives the
+median over rounds and the range, and each row's ratios to the first row's images/s and peak memory are taken within
+a round. The machine's fp32 and bf16 matrix-multiply rates are printed before and after each round: their ratio R
+is what bf16 can gain at best. Also reported: the time split into VFM, teacher crops and the student's
+forward+backward (with the loss and optimizer update), and the VFM forward's own peak above the built models.
 
-    python benchmarks/train_step.py               # all variants, a markdown table (about 10 minutes on 2 cores)
-    python benchmarks/train_step.py --tiny        # the same on tiny models, seconds: checks the script itself
+    python benchmarks/train_step.py --authors_src ~/DeCLIP/src     # the main rows and the authors' (~40 min, 2 cores)
+    python benchmarks/train_step.py --tiny --rounds 1              # tiny models, seconds: checks the script itself
+    python benchmarks/train_step.py --all                          # also eager attention and the other teachers
     python benchmarks/train_step.py --device cuda --batch_size 4 --variants "bf16 autocast + bf16 teachers" --compile
 """
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,26 +36,14 @@ from transformers import AutoModel, Dinov2Config, SamVisionConfig, ViTConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training.*` from the repository root
 
 from declip_hf import DeCLIPVisionConfig  # noqa: E402  (registers DeCLIP with AutoModel)
-from training.distill import DenseStudent  # noqa: E402
+from step_shapes import SHAPES, clock, make_batch, matmul_rates  # noqa: E402
+from training.distill import DenseStudent, compile_in_place  # noqa: E402
 from training.losses import DeCLIPLoss  # noqa: E402
 from training.optim import build_optimizer, configure_trainable  # noqa: E402
 from training.teachers import FrozenCLIPTeacher, FrozenVFM  # noqa: E402
 
-# (student config, DINOv2 config, student size, teacher size, DINOv2 view size, crops per image)
-SHAPES = {
-    "vitb16": (
-        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
-             image_size=224, projection_dim=512, hidden_act="quick_gelu"),
-        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14, image_size=518, mlp_ratio=4),
-        560, 224, 490, 20,
-    ),
-    "tiny": (
-        dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
-             image_size=32, projection_dim=24),
-        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=2, image_size=32, mlp_ratio=2),
-        64, 32, 32, 20,
-    ),
-}
+AUTHORS_STEP = Path(__file__).with_name("authors_step.py")
+AUTHORS_ROW = "authors' code, fp32"
 
 
 # Context teachers other than the shapes' DINOv2: config class and kwargs per shape name. The view is the student's
@@ -81,19 +72,23 @@ class Variant:
     autocast_bf16: bool = False  # the student under bf16 autocast (the teachers follow --frozen_dtype)
     frozen_dtype: str = "float32"
     teacher: str = "dinov2"  # the context teacher: "dinov2" (the shapes' own) or a key of OTHER_TEACHERS
+    compiled: bool = False  # distill.py --compile (inductor): compiled on the warm-up step, which is not timed
+    default: bool = True  # in the run without --variants / --all
 
 
+BF16 = dict(autocast_bf16=True, frozen_dtype="bfloat16")  # distill.py --mixed_precision bf16 --frozen_dtype bfloat16
 VARIANTS = [
     Variant("fp32"),
     Variant("fp32 + checkpointing", checkpointing=True),
-    Variant("fp32 eager", attention="eager"),
-    Variant("fp32 eager + checkpointing", attention="eager", checkpointing=True),
-    Variant("fp32, bf16 teachers + checkpointing", checkpointing=True, frozen_dtype="bfloat16"),
-    Variant("bf16 autocast + bf16 teachers + checkpointing", checkpointing=True, autocast_bf16=True,
-            frozen_dtype="bfloat16"),
-    Variant("bf16 autocast + bf16 teachers", autocast_bf16=True, frozen_dtype="bfloat16"),
-    Variant("fp32, SAM-B teacher", teacher="sam_b"),
-    Variant("fp32, DINO-B/16 teacher", teacher="dino_b16"),
+    Variant("fp32, compiled", compiled=True),
+    Variant("bf16 autocast + bf16 teachers", **BF16),
+    Variant("bf16 autocast + bf16 teachers + checkpointing", checkpointing=True, **BF16),
+    Variant("bf16 autocast + bf16 teachers, compiled", compiled=True, **BF16),
+    Variant("fp32 eager", attention="eager", default=False),
+    Variant("fp32 eager + checkpointing", attention="eager", checkpointing=True, default=False),
+    Variant("fp32, bf16 teachers + checkpointing", checkpointing=True, frozen_dtype="bfloat16", default=False),
+    Variant("fp32, SAM-B teacher", teacher="sam_b", default=False),
+    Variant("fp32, DINO-B/16 teacher", teacher="dino_b16", default=False),
 ]
 
 
@@ -107,7 +102,8 @@ def build_vfm(variant: Variant, shape_name: str, dtype: torch.dtype) -> FrozenVF
     return FrozenVFM(AutoModel.from_config(config, attn_implementation=variant.attention), dtype)
 
 
-def build(variant: Variant, shape_name: str, device: str = "cpu", compile_models: bool = False):
+def build(variant: Variant, shape_name: str, device: str = "cpu"):
+    """The models and optimizer as distill.py builds them for the variant's flags."""
     student_kwargs = SHAPES[shape_name][0]
     config = DeCLIPVisionConfig(**student_kwargs, decoupled_attention="qq")
     # With attn_implementation="eager" the decoupled last layer materialises its attention weights too.
@@ -122,35 +118,10 @@ def build(variant: Variant, shape_name: str, device: str = "cpu", compile_models
     teacher = FrozenCLIPTeacher(teacher_model, dtype).to(device)
     vfm = build_vfm(variant, shape_name, dtype).to(device)
     optimizer = build_optimizer(student, 1e-5, 0.1, (0.9, 0.98), 1e-6)
-    models = (DenseStudent(student), teacher, vfm)
-    if compile_models:  # compiled on the warm-up step, which is not timed
-        models = tuple(torch.compile(model) for model in models)
-    return *models, optimizer
-
-
-def make_batch(shapes, batch_size: int, vfm_patch: int) -> dict[str, torch.Tensor]:
-    """Random views with every crop slot used (the most teacher work a step can have); the VFM view is the
-    student's grid at `vfm_patch`."""
-    student_size, teacher_size, _, crops = shapes[2:]
-    student_patch = shapes[0]["patch_size"]
-    vfm_size = student_size // student_patch * vfm_patch
-    generator = torch.Generator().manual_seed(0)
-    corners = torch.rand(batch_size, crops, 2, 2, generator=generator)
-    boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values + 0.05], dim=-1).clamp(max=1.0)
-    return {
-        "student": torch.randn(batch_size, 3, student_size, student_size, generator=generator),
-        "crops": torch.randn(batch_size, crops, 3, teacher_size, teacher_size, generator=generator),
-        "boxes": boxes,
-        "crop_valid": torch.ones(batch_size, crops, dtype=torch.bool),
-        "vfm": torch.randn(batch_size, 3, vfm_size, vfm_size, generator=generator),
-    }
-
-
-def clock(device: str) -> float:
-    """Seconds now, after the device has finished its queued work (CUDA runs asynchronously)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
+    dense_student = DenseStudent(student)
+    if variant.compiled:
+        compile_in_place((dense_student, teacher, vfm), "inductor")
+    return dense_student, teacher, vfm, optimizer
 
 
 def timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast, device: str = "cpu") -> dict[str, float]:
@@ -179,11 +150,10 @@ def timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast, devic
     return times
 
 
-def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, device: str = "cpu",
-                compile_models: bool = False) -> dict:
+def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, device: str = "cpu") -> dict:
     shapes = SHAPES[shape_name]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    student, teacher, vfm, optimizer = build(variant, shape_name, device, compile_models)
+    student, teacher, vfm, optimizer = build(variant, shape_name, device)
     rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     batch = {key: value.to(device) for key, value in make_batch(shapes, batch_size, vfm.patch_size).items()}
     loss_fn = DeCLIPLoss()
@@ -200,7 +170,6 @@ def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, 
         **asdict(variant),
         **mean,
         "device": device,
-        "compiled": compile_models,
         "batch_size": batch_size,
         "vfm_view": batch["vfm"].shape[-1],
         "vfm_forward_peak_gib": warm_up["vfm_peak_rss_gib"] - rss_built,
@@ -214,43 +183,46 @@ def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, 
     }
 
 
-def matmul_gflops(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 2.0) -> float:
-    """The machine's matrix-multiply rate in `dtype` right now (the MLP shape of the student), to read the step
-    times against: on a shared machine it moves with the load. bf16 over fp32 (R) is the most bf16 can gain."""
-    inputs = torch.randn(2452, 768, device=device, dtype=dtype)
-    weight = torch.randn(3072, 768, device=device, dtype=dtype)
-    inputs @ weight.T
-    count, start = 0, clock(device)
-    while clock(device) - start < seconds:
-        for _ in range(10 if device == "cuda" else 1):  # a GPU needs several queued products to keep busy
-            inputs @ weight.T
-            count += 1
-    return 2 * 2452 * 768 * 3072 * count / (clock(device) - start) / 1e9
+# --------------------------------------------------------------------------------------------------------------------
+# The driver: every variant in its own process, all of them once per round, rounds one after the other, so that a
+# slow spell of a shared machine hits every variant alike; ratios are taken within a round.
 
 
-def matmul_rates(device: str, seconds: float = 2.0) -> dict[str, float]:
-    fp32, bf16 = matmul_gflops(torch.float32, device, seconds), matmul_gflops(torch.bfloat16, device, seconds)
-    return {"fp32_gflops": fp32, "bf16_gflops": bf16, "R": bf16 / fp32}
+def peak_gib(result: dict) -> float:
+    return result["peak_cuda_gib"] if result.get("peak_cuda_gib") is not None else result["peak_rss_gib"]
 
 
-def table(results: list[dict]) -> str:
-    """One row per variant; "ratio" is its images/s over the first row's (same run, same machine)."""
-    reference = {result["attention"] + str(result["checkpointing"]): result["step_s"] for result in results
-                 if result["attention"] == "sdpa" and not result["autocast_bf16"]
-                 and result["frozen_dtype"] == "float32" and result["teacher"] == "dinov2"}
-    first = results[0]["images_per_s"]
+def summarise(name: str, rounds: list[dict], reference_rounds: list[dict]) -> dict:
+    """A variant over the rounds: median images/s and part times, their range, and the median of its per-round
+    ratios to the reference row (images/s and peak memory)."""
+    speeds = [result["images_per_s"] for result in rounds]
+    speed_ratios = [result["images_per_s"] / reference["images_per_s"]
+                    for result, reference in zip(rounds, reference_rounds)]
+    memory_ratios = [peak_gib(result) / peak_gib(reference) for result, reference in zip(rounds, reference_rounds)]
+    median = {key: statistics.median(result[key] for result in rounds)
+              for key in ("step_s", "teacher_s", "vfm_s", "student_s")}
+    vfm = {key: rounds[0].get(key) for key in ("vfm_view", "vfm_weights_gib", "vfm_forward_peak_gib")}
+    return {"name": name, "rounds": len(rounds), "images_per_s": statistics.median(speeds), "min": min(speeds),
+            "max": max(speeds), "ratio": statistics.median(speed_ratios), "ratio_min": min(speed_ratios),
+            "ratio_max": max(speed_ratios), "peak_gib": max(peak_gib(result) for result in rounds),
+            "memory_ratio": statistics.median(memory_ratios), **median, **vfm}
+
+
+def table(summaries: list[dict], reference: str) -> str:
+    """One row per variant; "ratio" is its images/s over the reference row's in the same round (median over rounds,
+    with the range), "memory" its peak over the reference's."""
     lines = [
-        "| variant | s/step | images/s | ratio | peak GiB | teacher crops s | VFM s | VFM view px | VFM weights GiB | "
-        "VFM forward peak GiB | student fwd+bwd s | eager/fused time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| variant | images/s (range) | ratio to {reference} (range) | peak GiB | memory ratio | s/step | "
+        "teacher crops s | VFM s | student fwd+bwd s | VFM view px | VFM weights GiB | VFM forward peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
-        fused = reference.get("sdpa" + str(r["checkpointing"]))
-        ratio = f"{r['step_s'] / fused:.2f}x" if r["attention"] == "eager" and fused else ""
-        peak = r["peak_cuda_gib"] if r.get("peak_cuda_gib") is not None else r["peak_rss_gib"]
-        lines.append(f"| {r['name']} | {r['step_s']:.2f} | {r['images_per_s']:.3f} | {r['images_per_s'] / first:.2f} | "
-                     f"{peak:.2f} | {r['teacher_s']:.2f} | {r['vfm_s']:.2f} | {r['vfm_view']} | "
-                     f"{r['vfm_weights_gib']:.2f} | {r['vfm_forward_peak_gib']:.2f} | {r['student_s']:.2f} | {ratio} |")
+    for row in summaries:
+        vfm = "| | | |" if row["vfm_view"] is None else (
+            f"| {row['vfm_view']} | {row['vfm_weights_gib']:.2f} | {row['vfm_forward_peak_gib']:.2f} |")
+        lines.append(
+            f"| {row['name']} | {row['images_per_s']:.3f} ({row['min']:.3f}-{row['max']:.3f}) | {row['ratio']:.2f} "
+            f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) | {row['peak_gib']:.2f} | {row['memory_ratio']:.2f} | "
+            f"{row['step_s']:.2f} | {row['teacher_s']:.2f} | {row['vfm_s']:.2f} | {row['student_s']:.2f} {vfm}")
     return "\n".join(lines)
 
 
@@ -259,14 +231,58 @@ def rates_line(label: str, rates: dict) -> str:
             f"R = {rates['R']:.2f}")
 
 
+def child_command(name: str, args: argparse.Namespace) -> list[str]:
+    """The process that measures one row: the authors' step (authors_step.py) or one of ours (this script)."""
+    common = ["--steps", str(args.steps), "--batch_size", str(args.batch_size), "--device", args.device]
+    common += ["--tiny"] if args.tiny else []
+    if name == AUTHORS_ROW:
+        return [sys.executable, str(AUTHORS_STEP), "--authors_src", str(args.authors_src), *common]
+    return [sys.executable, __file__, "--child", name, *common] + (["--compile"] if args.compile else [])
+
+
+def measure(name: str, args: argparse.Namespace) -> dict | None:
+    try:
+        completed = subprocess.run(child_command(name, args), capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{name}: did not finish within {args.timeout} s", flush=True)
+        return None
+    if completed.returncode != 0:
+        print(f"{name}: failed (exit {completed.returncode}): {completed.stderr.strip()[-2000:]}", flush=True)
+        return None
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    print(f"{name}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def selected_rows(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    names = [variant.name for variant in VARIANTS]
+    unknown = set(args.variants or ()) - set(names)
+    if unknown:
+        parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {names}")
+    if args.variants:
+        rows = [name for name in names if name in args.variants]
+    else:
+        rows = [variant.name for variant in VARIANTS if args.all or variant.default]
+    if args.authors_src is not None:
+        if not (args.authors_src / "training" / "declip.py").is_file():
+            parser.error(f"--authors_src {args.authors_src} is not the src folder of a DeCLIP checkout (no "
+                         "training/declip.py there); clone github.com/xiaomoguhz/DeCLIP and pass its src folder.")
+        rows.insert(0, AUTHORS_ROW)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="Tiny models instead of ViT-B/16 + DINOv2-B (a smoke test).")
-    parser.add_argument("--steps", type=int, default=2, help="Measured steps per variant (after one warm-up step).")
+    parser.add_argument("--steps", type=int, default=2, help="Measured steps per variant and round (after a warm-up).")
+    parser.add_argument("--rounds", type=int, default=2, help="Times every variant is measured, interleaved.")
     parser.add_argument("--batch_size", type=int, default=2, help="Images per step.")
-    parser.add_argument("--variants", nargs="*", help="Run only these variant names (default: all).")
+    parser.add_argument("--variants", nargs="*", help="Run only these variant names (default: the main ones).")
+    parser.add_argument("--all", action="store_true", help="Run every variant (eager attention, other teachers).")
+    parser.add_argument("--authors_src", type=Path, help="The src folder of a checkout of the DeCLIP authors' code: "
+                        "adds their step as the first row, the reference of the ratios (authors_step.py).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where the step runs.")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student, teacher and VFM.")
+    parser.add_argument("--compile", action="store_true", help="Compile every selected variant (distill.py --compile).")
     parser.add_argument("--matmul_seconds", type=float, default=2.0, help="Seconds per matmul-rate measurement.")
     parser.add_argument("--json", help="Also write the results (and the matmul rates) to this JSON file.")
     parser.add_argument("--timeout", type=float, default=1800, help="Give up on a variant after this many seconds.")
@@ -275,36 +291,37 @@ def main() -> None:
     shape_name = "tiny" if args.tiny else "vitb16"
     if args.child:
         variant = next(v for v in VARIANTS if v.name == args.child)
-        print(json.dumps(run_variant(variant, shape_name, args.steps, args.batch_size, args.device, args.compile)))
+        if args.compile:
+            variant.compiled = True
+        print(json.dumps(run_variant(variant, shape_name, args.steps, args.batch_size, args.device)))
         return
-    unknown = set(args.variants or ()) - {variant.name for variant in VARIANTS}
-    if unknown:
-        parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {[variant.name for variant in VARIANTS]}")
-    results, rates_before = [], matmul_rates(args.device, args.matmul_seconds)
-    print(rates_line("before", rates_before), flush=True)
-    for variant in VARIANTS:
-        if args.variants and variant.name not in args.variants:
-            continue
-        command = [sys.executable, __file__, "--child", variant.name, "--steps", str(args.steps),
-                   "--batch_size", str(args.batch_size), "--device", args.device]
-        command += (["--tiny"] if args.tiny else []) + (["--compile"] if args.compile else [])
-        try:
-            output = subprocess.run(command, check=True, capture_output=True, text=True, timeout=args.timeout).stdout
-        except subprocess.TimeoutExpired:
-            print(f"{variant.name}: did not finish within {args.timeout} s", flush=True)
-            continue
-        results.append(json.loads(output.strip().splitlines()[-1]))
-        print(f"{variant.name}: {json.dumps(results[-1])}", flush=True)
-    rates_after = matmul_rates(args.device, args.matmul_seconds)
-    print(f"\nbatch {args.batch_size}, {shape_name}, {args.device}{' compiled' if args.compile else ''}, "
-          f"{results[0]['threads']} threads, mean of {args.steps} steps; peak GiB is "
+    rows = selected_rows(args, parser)
+    rates = [matmul_rates(args.device, args.matmul_seconds)]
+    print(rates_line("before", rates[0]), flush=True)
+    results = {name: [] for name in rows}
+    complete_rounds = []  # the rounds in which every row finished: ratios need the reference of the same round
+    for round_index in range(args.rounds):
+        measured = {name: measure(name, args) for name in rows}
+        if all(result is not None for result in measured.values()):
+            complete_rounds.append(round_index)
+            for name, result in measured.items():
+                results[name].append(result)
+        rates.append(matmul_rates(args.device, args.matmul_seconds))
+        print(rates_line(f"after round {round_index + 1}", rates[-1]), flush=True)
+    if not complete_rounds:
+        raise SystemExit("error: no round finished every variant; see the messages above.")
+    summaries = [summarise(name, results[name], results[rows[0]]) for name in rows]
+    print(f"\nbatch {args.batch_size}, {shape_name}, {args.device}, {results[rows[0]][0]['threads']} threads; "
+          f"{len(complete_rounds)} round(s) of {args.steps} step(s) after a warm-up, variants interleaved; median "
+          f"and range over rounds; peak GiB is "
           f"{'torch.cuda.max_memory_allocated' if args.device == 'cuda' else 'the peak RSS'}")
-    print(rates_line("matmul rates before", rates_before))
-    print(rates_line("matmul rates after ", rates_after) + "\n")
-    print(table(results))
+    for index, round_rates in enumerate(rates):
+        print(rates_line("matmul rates " + ("before" if index == 0 else f"after round {index}"), round_rates))
+    print()
+    print(table(summaries, rows[0]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"matmul_before": rates_before, "matmul_after": rates_after,
-                                               "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"matmul_rates": rates, "results": results, "summaries": summaries},
+                                              indent=2))
 
 
 if __name__ == "__main__":

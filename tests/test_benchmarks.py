@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +49,33 @@ def test_gpu_check_script_parses_and_names_its_options():
 
 
 def test_train_step_benchmark_prints_matmul_rates_and_ratios():
-    output = run_benchmark("train_step.py", "--tiny", "--steps", "1", "--matmul_seconds", "0.2", "--variants", "fp32",
-                           "bf16 autocast + bf16 teachers")
+    output = run_benchmark("train_step.py", "--tiny", "--steps", "1", "--rounds", "2", "--matmul_seconds", "0.2",
+                           "--variants", "fp32", "bf16 autocast + bf16 teachers")
     assert re.search(r"matmul rates before: fp32 matmul \d+ GFLOP/s, bf16 \d+ GFLOP/s, R = \d+\.\d\d", output)
-    ratios = [row[3] for row in table_rows(output, "fp32") + table_rows(output, "bf16 autocast")]
-    assert ratios[0] == "1.00" and float(ratios[1]) > 0
+    assert re.search(r"matmul rates after round 2: fp32 matmul \d+ GFLOP/s", output)
+    assert "2 round(s) of 1 step(s)" in output
+    ratios = [row[2] for row in table_rows(output, "fp32") + table_rows(output, "bf16 autocast")]
+    assert ratios[0] == "1.00 (1.00-1.00)" and float(ratios[1].split()[0]) > 0
+
+
+def test_train_step_ratios_are_taken_within_each_round():
+    """A slow round slows every row: the ratio is the median of the per-round ratios, not a ratio of medians."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_step import summarise
+
+    def result(images_per_s, peak):
+        return {"images_per_s": images_per_s, "peak_rss_gib": peak, "step_s": 2 / images_per_s, "teacher_s": 1.0,
+                "vfm_s": 0.5, "student_s": 0.5}
+
+    reference = [result(1.0, 4.0), result(0.5, 4.0), result(0.9, 4.0)]  # round 2 on a busy machine
+    ours = [result(1.2, 3.0), result(0.6, 3.0), result(1.17, 3.2)]
+    row = summarise("ours", ours, reference)
+    assert row["ratio"] == pytest.approx(1.2) and (row["ratio_min"], row["ratio_max"]) == pytest.approx((1.2, 1.3))
+    assert row["images_per_s"] == 1.17 and (row["min"], row["max"]) == (0.6, 1.2)
+    assert row["memory_ratio"] == 0.75 and row["peak_gib"] == 3.2
+
+
+def test_train_step_refuses_an_authors_folder_without_their_code(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--tiny", "--authors_src",
+                             str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "not the src folder of a DeCLIP checkout" in result.stderr

@@ -1,0 +1,68 @@
+"""What one DeCLIP distillation step is fed in the step benchmarks, with nothing but torch: the recipe's shapes, the
+random batch, a device-aware clock and the machine's matrix-multiply rates. Shared by `train_step.py` (this
+project's step) and `authors_step.py` (the authors' step), which must not import each other: the authors' code
+has a top-level `training` package of its own."""
+
+import time
+
+import torch
+
+# (student config, DINOv2 config, student size, teacher size, DINOv2 view size, crops per image)
+SHAPES = {
+    "vitb16": (
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
+             image_size=224, projection_dim=512, hidden_act="quick_gelu"),
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14, image_size=518, mlp_ratio=4),
+        560, 224, 490, 20,
+    ),
+    "tiny": (
+        dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
+             image_size=32, projection_dim=24),
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=2, image_size=32, mlp_ratio=2),
+        64, 32, 32, 20,
+    ),
+}
+
+
+def make_batch(shapes, batch_size: int, vfm_patch: int) -> dict[str, torch.Tensor]:
+    """Random views with every crop slot used (the most teacher work a step can have); the VFM view is the
+    student's grid at `vfm_patch`."""
+    student_size, teacher_size, _, crops = shapes[2:]
+    student_patch = shapes[0]["patch_size"]
+    vfm_size = student_size // student_patch * vfm_patch
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(batch_size, crops, 2, 2, generator=generator)
+    boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values + 0.05], dim=-1).clamp(max=1.0)
+    return {
+        "student": torch.randn(batch_size, 3, student_size, student_size, generator=generator),
+        "crops": torch.randn(batch_size, crops, 3, teacher_size, teacher_size, generator=generator),
+        "boxes": boxes,
+        "crop_valid": torch.ones(batch_size, crops, dtype=torch.bool),
+        "vfm": torch.randn(batch_size, 3, vfm_size, vfm_size, generator=generator),
+    }
+
+
+def clock(device: str) -> float:
+    """Seconds now, after the device has finished its queued work (CUDA runs asynchronously)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 2.0) -> float:
+    """The machine's matrix-multiply rate in `dtype` right now (the MLP shape of the student), to read the step
+    times against: on a shared machine it moves with the load. bf16 over fp32 (R) is the most bf16 can gain."""
+    inputs = torch.randn(2452, 768, device=device, dtype=dtype)
+    weight = torch.randn(3072, 768, device=device, dtype=dtype)
+    inputs @ weight.T
+    count, start = 0, clock(device)
+    while clock(device) - start < seconds:
+        for _ in range(10 if device == "cuda" else 1):  # a GPU needs several queued products to keep busy
+            inputs @ weight.T
+            count += 1
+    return 2 * 2452 * 768 * 3072 * count / (clock(device) - start) / 1e9
+
+
+def matmul_rates(device: str, seconds: float = 2.0) -> dict[str, float]:
+    fp32, bf16 = matmul_gflops(torch.float32, device, seconds), matmul_gflops(torch.bfloat16, device, seconds)
+    return {"fp32_gflops": fp32, "bf16_gflops": bf16, "R": bf16 / fp32}
