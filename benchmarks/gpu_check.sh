@@ -109,7 +109,7 @@ VARIANT="bf16 autocast + bf16 teachers"
 for batch in "${BATCHES[@]}"; do
     within_budget "the step at batch $batch" 150 || break
     step "2. step, bf16, batch $batch" 150 "$PYTHON" benchmarks/train_step.py "${SHAPE[@]}" --device "$DEVICE" \
-        --batch_size "$batch" --steps 5 --variants "$VARIANT" --timeout 140
+        --batch_size "$batch" --steps 5 --rounds 1 --variants "$VARIANT" --timeout 140
 done
 
 # 3. The built-in tiny run through accelerate, then its model on the device.
@@ -130,7 +130,7 @@ print('dense features', tuple(dense.shape), 'on', dense.device)
 for batch in "${COMPILE_BATCHES[@]}"; do
     within_budget "the compiled step at batch $batch" 200 || break
     step "2. step, bf16, torch.compile, batch $batch" 200 "$PYTHON" benchmarks/train_step.py "${SHAPE[@]}" \
-        --device "$DEVICE" --batch_size "$batch" --steps 5 --variants "$VARIANT" --compile --timeout 190
+        --device "$DEVICE" --batch_size "$batch" --steps 5 --rounds 1 --variants "$VARIANT, compiled" --timeout 190
 done
 
 echo "Overall: $( [ $FAILED = 0 ] && echo "every step passed" || echo "SOME STEPS FAILED (see above)" ), $SECONDS s" \
