@@ -26,21 +26,22 @@ import resource
 import statistics
 import subprocess
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from torch import nn
 from transformers import AutoModel, Dinov2Config, SamVisionConfig, ViTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training.*` from the repository root
 
 from declip_hf import DeCLIPVisionConfig  # noqa: E402  (registers DeCLIP with AutoModel)
 from step_shapes import SHAPES, clock, make_batch, matmul_rates  # noqa: E402
-from training.distill import DenseStudent, compile_in_place  # noqa: E402
+from training.distill import DenseStudent, compile_in_place, training_step  # noqa: E402
 from training.losses import DeCLIPLoss  # noqa: E402
 from training.optim import build_optimizer, configure_trainable  # noqa: E402
-from training.teachers import FrozenCLIPTeacher, FrozenVFM  # noqa: E402
+from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM  # noqa: E402
 
 AUTHORS_STEP = Path(__file__).with_name("authors_step.py")
 AUTHORS_ROW = "authors' code, fp32"
@@ -124,47 +125,56 @@ def build(variant: Variant, shape_name: str, device: str = "cpu"):
     return dense_student, teacher, vfm, optimizer
 
 
-def timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast, device: str = "cpu") -> dict[str, float]:
-    """training/distill.py's `training_step` + backward + update, with a clock around each part. The VFM runs
-    first, so the peak RSS right after it is the models' plus the VFM forward's own."""
-    times = {}
+class Timed(nn.Module):
+    """A frozen model with a clock around its calls (the seconds of the current step in `seconds`)."""
+
+    def __init__(self, model: nn.Module, device: str):
+        super().__init__()
+        self.model, self.device, self.seconds = model, device, 0.0
+
+    def forward(self, *args):
+        start = clock(self.device)
+        output = self.model(*args)
+        self.seconds += clock(self.device) - start
+        return output
+
+
+def timed_step(batch, student, teacher: Timed, context_teachers: ContextTeachers, optimizer, loss_fn,
+               accelerator: Accelerator) -> dict[str, float]:
+    """training/distill.py's `training_step`, backward and update, as its `run_one_batch` runs them. The teacher and
+    the VFM are timed by their `Timed` wrappers; the student part (forward, losses, backward, AdamW) is the rest."""
+    device = accelerator.device.type
+    vfm = context_teachers.vfms[0]
+    teacher.seconds = vfm.seconds = 0.0
     start = clock(device)
-    with autocast():
-        vfm_map = vfm(batch["vfm"])
-    times["vfm_s"] = clock(device) - start
-    times["vfm_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    start = clock(device)
-    with autocast():
-        teacher_embeds = teacher(batch["crops"][batch["crop_valid"]])
-    times["teacher_s"] = clock(device) - start
-    start = clock(device)
-    with autocast():
-        dense = student(batch["student"])
-    terms = loss_fn(dense.dense_embeds, dense.context_features, batch["boxes"], batch["crop_valid"], teacher_embeds,
-                    vfm_map)
-    terms["total"].backward()
+    terms = training_step(batch, student, teacher, context_teachers, loss_fn, accelerator)
+    accelerator.backward(terms["total"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    times["student_s"] = clock(device) - start
-    times["step_s"] = times["vfm_s"] + times["teacher_s"] + times["student_s"]
-    return times
+    step_s = clock(device) - start
+    return {"vfm_s": vfm.seconds, "teacher_s": teacher.seconds, "student_s": step_s - vfm.seconds - teacher.seconds,
+            "step_s": step_s}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, device: str = "cpu") -> dict:
-    shapes = SHAPES[shape_name]
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rss_before = peak_rss_gib()
     student, teacher, vfm, optimizer = build(variant, shape_name, device)
-    rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    batch = {key: value.to(device) for key, value in make_batch(shapes, batch_size, vfm.patch_size).items()}
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if variant.autocast_bf16 else "no")
+    student, optimizer = accelerator.prepare(student, optimizer)  # the student under the run's autocast, as distill.py
+    teacher, context_teachers = Timed(teacher, device), ContextTeachers([Timed(vfm, device)], ["vfm"])
+    batch = {key: value.to(device) for key, value in make_batch(SHAPES[shape_name], batch_size, vfm.patch_size).items()}
+    rss_built = peak_rss_gib()
+    with accelerator.autocast():  # the VFM forward alone first: the first thing to raise the RSS above the models
+        vfm(batch["vfm"])
+    vfm_forward_peak = peak_rss_gib() - rss_built
     loss_fn = DeCLIPLoss()
-    if variant.autocast_bf16:
-        autocast = lambda: torch.autocast(device, dtype=torch.bfloat16)  # noqa: E731
-    else:
-        autocast = nullcontext
-    # warm-up: allocator, kernels, Adam state, compilation; its VFM part is the first to raise the RSS above the
-    # built models
-    warm_up = timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast, device)
-    measured = [timed_step(batch, student, teacher, vfm, optimizer, loss_fn, autocast, device) for _ in range(steps)]
+    timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn, accelerator)  # warm-up (and compile)
+    measured = [timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn, accelerator)
+                for _ in range(steps)]
     mean = {key: sum(step[key] for step in measured) / steps for key in measured[0]}
     return {
         **asdict(variant),
@@ -172,10 +182,10 @@ def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, 
         "device": device,
         "batch_size": batch_size,
         "vfm_view": batch["vfm"].shape[-1],
-        "vfm_forward_peak_gib": warm_up["vfm_peak_rss_gib"] - rss_built,
+        "vfm_forward_peak_gib": vfm_forward_peak,
         "vfm_weights_gib": sum(p.numel() * p.element_size() for p in vfm.parameters()) / 2**30,
         "images_per_s": batch_size / mean["step_s"],
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB -> GiB
+        "peak_rss_gib": peak_rss_gib(),
         # On CUDA the memory that matters is the GPU's: the peak of torch.cuda.max_memory_allocated.
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         "rss_after_imports_gib": rss_before,
