@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from step_shapes import SHAPES, clock, make_batch
+from step_shapes import SHAPES, clock, make_batch, profile_shares
 
 
 def import_authors_code(src: Path):
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="Measured steps (after one warm-up step).")
     parser.add_argument("--batch_size", type=int, default=2, help="Images per step.")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where the step runs.")
+    parser.add_argument("--profile", action="store_true", help="Profile one more step (operator shares).")
     args = parser.parse_args()
     shape_name = "tiny" if args.tiny else "vitb16"
     open_clip, DeCLIP, freeze_parameters = import_authors_code(args.authors_src.resolve())
@@ -155,8 +156,10 @@ def main() -> None:
     measured = [timed_step(batch, student, teacher, vfm, optimizer, run_args, method)
                 for _ in range(args.steps)]
     mean = {key: sum(step[key] for step in measured) / args.steps for key in measured[0]}
+    shares = profile_shares(lambda: timed_step(batch, student, teacher, vfm, optimizer, run_args, method)) \
+        if args.profile else {}
     print(json.dumps({
-        "name": "authors' code, fp32", **mean, "images_per_s": args.batch_size / mean["step_s"],
+        "name": "authors' code, fp32", **mean, "profile": shares, "images_per_s": args.batch_size / mean["step_s"],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
         "batch_size": args.batch_size, "threads": torch.get_num_threads(),

@@ -66,3 +66,31 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, device: str = "cpu", secon
 def matmul_rates(device: str, seconds: float = 2.0) -> dict[str, float]:
     fp32, bf16 = matmul_gflops(torch.float32, device, seconds), matmul_gflops(torch.bfloat16, device, seconds)
     return {"fp32_gflops": fp32, "bf16_gflops": bf16, "R": bf16 / fp32}
+
+
+# Where a step's CPU time goes, by kind of operator (the profiler's evidence for what a faster step could still gain).
+OPERATOR_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+               "aten::convolution_backward"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                  "aten::_scaled_dot_product_efficient_attention", "aten::_efficient_attention_forward",
+                  "aten::_efficient_attention_backward", "aten::_scaled_dot_product_flash_attention",
+                  "aten::_flash_attention_forward", "aten::_flash_attention_backward"),
+}
+
+
+def profile_shares(step) -> dict[str, float]:
+    """Run `step()` once under torch.profiler; the share of self CPU time in matrix multiplies (GEMMs and the patch
+    convolution), fused attention kernels, and everything else (element-wise ops, norms, softmax, copies, the
+    optimizer), plus the total seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    totals = {kind: 0.0 for kind in (*OPERATOR_KINDS, "other")}
+    for event in profiler.key_averages():
+        kind = next((kind for kind, names in OPERATOR_KINDS.items() if event.key in names), "other")
+        totals[kind] += event.self_cpu_time_total
+    total = sum(totals.values())
+    return {**{kind: seconds / total for kind, seconds in totals.items()}, "profiled_s": total / 1e6}

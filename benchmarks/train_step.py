@@ -37,7 +37,7 @@ from transformers import AutoModel, Dinov2Config, SamVisionConfig, ViTConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training.*` from the repository root
 
 from declip_hf import DeCLIPVisionConfig  # noqa: E402  (registers DeCLIP with AutoModel)
-from step_shapes import SHAPES, clock, make_batch, matmul_rates  # noqa: E402
+from step_shapes import SHAPES, clock, make_batch, matmul_rates, profile_shares  # noqa: E402
 from training.distill import DenseStudent, compile_in_place, training_step  # noqa: E402
 from training.losses import DeCLIPLoss  # noqa: E402
 from training.optim import build_optimizer, configure_trainable  # noqa: E402
@@ -160,7 +160,8 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, device: str = "cpu") -> dict:
+def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, device: str = "cpu",
+                profile: bool = False) -> dict:
     rss_before = peak_rss_gib()
     student, teacher, vfm, optimizer = build(variant, shape_name, device)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if variant.autocast_bf16 else "no")
@@ -176,9 +177,12 @@ def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, 
     measured = [timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn, accelerator)
                 for _ in range(steps)]
     mean = {key: sum(step[key] for step in measured) / steps for key in measured[0]}
+    shares = profile_shares(lambda: timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn,
+                                               accelerator)) if profile else {}
     return {
         **asdict(variant),
         **mean,
+        "profile": shares,
         "device": device,
         "batch_size": batch_size,
         "vfm_view": batch["vfm"].shape[-1],
@@ -212,10 +216,12 @@ def summarise(name: str, rounds: list[dict], reference_rounds: list[dict]) -> di
     median = {key: statistics.median(result[key] for result in rounds)
               for key in ("step_s", "teacher_s", "vfm_s", "student_s")}
     vfm = {key: rounds[0].get(key) for key in ("vfm_view", "vfm_weights_gib", "vfm_forward_peak_gib")}
+    profiles = [result["profile"] for result in rounds if result.get("profile")]
+    profile = {kind: statistics.median(shares[kind] for shares in profiles) for kind in profiles[0]} if profiles else {}
     return {"name": name, "rounds": len(rounds), "images_per_s": statistics.median(speeds), "min": min(speeds),
             "max": max(speeds), "ratio": statistics.median(speed_ratios), "ratio_min": min(speed_ratios),
             "ratio_max": max(speed_ratios), "peak_gib": max(peak_gib(result) for result in rounds),
-            "memory_ratio": statistics.median(memory_ratios), **median, **vfm}
+            "memory_ratio": statistics.median(memory_ratios), **median, **vfm, "profile": profile}
 
 
 def table(summaries: list[dict], reference: str) -> str:
@@ -236,6 +242,18 @@ def table(summaries: list[dict], reference: str) -> str:
     return "\n".join(lines)
 
 
+def profile_table(summaries: list[dict]) -> str:
+    """Where each row's step time goes (--profile: one profiled step per row and round, median shares)."""
+    lines = ["| variant | matrix multiplies | fused attention | everything else | profiled step s |",
+             "|---|---:|---:|---:|---:|"]
+    for row in summaries:
+        if row["profile"]:
+            shares = row["profile"]
+            lines.append(f"| {row['name']} | {shares['matmul']:.0%} | {shares['attention']:.0%} | "
+                         f"{shares['other']:.0%} | {shares['profiled_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def rates_line(label: str, rates: dict) -> str:
     return (f"{label}: fp32 matmul {rates['fp32_gflops']:.0f} GFLOP/s, bf16 {rates['bf16_gflops']:.0f} GFLOP/s, "
             f"R = {rates['R']:.2f}")
@@ -244,7 +262,7 @@ def rates_line(label: str, rates: dict) -> str:
 def child_command(name: str, args: argparse.Namespace) -> list[str]:
     """The process that measures one row: the authors' step (authors_step.py) or one of ours (this script)."""
     common = ["--steps", str(args.steps), "--batch_size", str(args.batch_size), "--device", args.device]
-    common += ["--tiny"] if args.tiny else []
+    common += (["--tiny"] if args.tiny else []) + (["--profile"] if args.profile else [])
     if name == AUTHORS_ROW:
         return [sys.executable, str(AUTHORS_STEP), "--authors_src", str(args.authors_src), *common]
     return [sys.executable, __file__, "--child", name, *common] + (["--compile"] if args.compile else [])
@@ -293,6 +311,8 @@ def main() -> None:
                         "adds their step as the first row, the reference of the ratios (authors_step.py).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where the step runs.")
     parser.add_argument("--compile", action="store_true", help="Compile every selected variant (distill.py --compile).")
+    parser.add_argument("--profile", action="store_true", help="Profile one more step per row and round and print "
+                        "the shares of matrix multiplies, fused attention and everything else.")
     parser.add_argument("--matmul_seconds", type=float, default=2.0, help="Seconds per matmul-rate measurement.")
     parser.add_argument("--json", help="Also write the results (and the matmul rates) to this JSON file.")
     parser.add_argument("--timeout", type=float, default=1800, help="Give up on a variant after this many seconds.")
@@ -303,7 +323,7 @@ def main() -> None:
         variant = next(v for v in VARIANTS if v.name == args.child)
         if args.compile:
             variant.compiled = True
-        print(json.dumps(run_variant(variant, shape_name, args.steps, args.batch_size, args.device)))
+        print(json.dumps(run_variant(variant, shape_name, args.steps, args.batch_size, args.device, args.profile)))
         return
     rows = selected_rows(args, parser)
     rates = [matmul_rates(args.device, args.matmul_seconds)]
@@ -329,6 +349,9 @@ def main() -> None:
         print(rates_line("matmul rates " + ("before" if index == 0 else f"after round {index}"), round_rates))
     print()
     print(table(summaries, rows[0]))
+    if args.profile:
+        print("\nWhere the time goes (self CPU time of one profiled step, median over rounds):\n")
+        print(profile_table(summaries))
     if args.json:
         Path(args.json).write_text(json.dumps({"matmul_rates": rates, "results": results, "summaries": summaries},
                                               indent=2))

@@ -50,12 +50,15 @@ def test_gpu_check_script_parses_and_names_its_options():
 
 def test_train_step_benchmark_prints_matmul_rates_and_ratios():
     output = run_benchmark("train_step.py", "--tiny", "--steps", "1", "--rounds", "2", "--matmul_seconds", "0.2",
-                           "--variants", "fp32", "bf16 autocast + bf16 teachers")
+                           "--variants", "fp32", "bf16 autocast + bf16 teachers", "--profile")
     assert re.search(r"matmul rates before: fp32 matmul \d+ GFLOP/s, bf16 \d+ GFLOP/s, R = \d+\.\d\d", output)
     assert re.search(r"matmul rates after round 2: fp32 matmul \d+ GFLOP/s", output)
     assert "2 round(s) of 1 step(s)" in output
     ratios = [row[2] for row in table_rows(output, "fp32") + table_rows(output, "bf16 autocast")]
     assert ratios[0] == "1.00 (1.00-1.00)" and float(ratios[1].split()[0]) > 0
+    profile = output.split("Where the time goes")[1]
+    shares = [float(cell.rstrip("%")) for cell in table_rows(profile, "fp32")[0][1:4]]
+    assert shares[0] > 0 and abs(sum(shares) - 100) <= 2  # rounded percentages of one step
 
 
 def test_train_step_ratios_are_taken_within_each_round():
