@@ -33,7 +33,8 @@ and then averaged (heads can pick different proxies; averaging the heads first w
 
 **Context correlation.** For a query patch, its cosine similarity with every patch of the student's context
 features (docs/method.md §4.2: rows L2-normalised over channels, averaged over the mode's projections), and the
-same row of a VFM's patch features (`VFMPatchFeatures`, a DINOv2): the two maps the context loss aligns.
+same row of a VFM's patch features (`VFMPatchFeatures`: a DINOv2, DINO or SAM read by `declip_hf.vfm`'s adapters, as
+the context teacher is in training): the two maps the context loss aligns.
 
 Example (one image, one query patch):
 
@@ -52,10 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .loading_utils import image_normalisation, quiet_transformers
+from .loading_utils import quiet_transformers
 from .modeling_declip import DECOUPLED_PATHS, DeCLIPVisionModel, SelfSimilarityAttention, _split_heads
+from .vfm import vfm_adapter_class, vfm_normalisation
 
 DEFAULT_TOP_K = 5
 
@@ -318,25 +319,16 @@ def context_correlation(model: DeCLIPVisionModel, pixel_values: torch.Tensor, qu
 
 
 class VFMPatchFeatures:
-    """A DINOv2 (with or without registers) read as DeCLIP's context teacher reads it (docs/method.md §4.2): its
-    final-layer-normed patch tokens, CLS and registers dropped, as a (B, C, h, w) float32 map."""
-
-    PREFIX_TOKENS = {
-        "dinov2": lambda config: 1,
-        "dinov2_with_registers": lambda config: 1 + config.num_register_tokens,
-    }
+    """A VFM (DINOv2 with or without registers, DINO, SAM: any family of `declip_hf.vfm.VFM_ADAPTERS`) read as
+    DeCLIP's context teacher reads it (docs/method.md §4.2, §9), by the same adapter the distillation uses: a
+    (B, C, h, w) float32 map of its patch features."""
 
     def __init__(self, model: nn.Module):
-        model_type = model.config.model_type
-        if model_type not in self.PREFIX_TOKENS:
-            raise ValueError(
-                f"the VFM is a {model_type!r} model; pass one of {', '.join(self.PREFIX_TOKENS)} "
-                "(e.g. facebook/dinov2-base)."
-            )
-        self.model = model.eval()
-        self.num_prefix_tokens = self.PREFIX_TOKENS[model_type](model.config)
-        self.patch_size = model.config.patch_size
         self.name = model.config.name_or_path
+        adapter_class = vfm_adapter_class(model.config, self.name)
+        self.model = model.eval()
+        self.adapter = adapter_class(self.model)
+        self.patch_size = adapter_class.patch_size(model.config)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "VFMPatchFeatures":
@@ -345,17 +337,14 @@ class VFMPatchFeatures:
 
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The VFM's image mean/std (its image-processor config; ImageNet's when it has none)."""
-        return image_normalisation(self.name, default_mean=IMAGENET_DEFAULT_MEAN, default_std=IMAGENET_DEFAULT_STD)
+        return vfm_normalisation(self.name)
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"VFM input {height}x{width} is not a multiple of its patch size {self.patch_size}.")
-        tokens = self.model(pixel_values=pixel_values.to(self.model.dtype)).last_hidden_state
-        patches = tokens[:, self.num_prefix_tokens :].float()  # (B, N, C)
-        # (B, N, C) -> (B, C, h, w)
-        return patches.transpose(1, 2).unflatten(-1, (height // self.patch_size, width // self.patch_size))
+        return self.adapter(pixel_values.to(self.model.dtype)).float()
 
 
 def vfm_correlation(vfm: VFMPatchFeatures, pixel_values: torch.Tensor, query_index: int) -> torch.Tensor:

@@ -284,7 +284,9 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="DeCLIP or CLIP checkpoint (local folder or Hub id).")
     parser.add_argument("--compare", default=None,
                         help="A second checkpoint to show beside --model (e.g. the CLIP it started from).")
-    parser.add_argument("--vfm", default=None, help="DINOv2 checkpoint whose patch correlations are shown beside.")
+    parser.add_argument("--vfm", default=None,
+                        help="VFM checkpoint whose patch correlations are shown beside, read as the context teacher "
+                        "is in training: DINOv2 (with or without registers), DINO (ViT) or SAM.")
     parser.add_argument("--out", required=True, help="Folder for the figures and scores.json (created).")
     parser.add_argument("--decoupled-attention", default=None, choices=DECOUPLED_ATTENTION_MODES,
                         help="Mode to read --model's final layer in (unset: the checkpoint's).")

@@ -1,4 +1,4 @@
-"""The context teachers (training/teachers/, docs/method.md §9): the registry, each adapter's features against a
+"""The context teachers (declip_hf/vfm/ adapters, training/teachers/ wrappers; docs/method.md §9): the registry, each adapter's features against a
 plain computation on a tiny random model, and the per-teacher views."""
 
 import math

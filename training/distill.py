@@ -43,7 +43,6 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import declip_hf
 from declip_hf import (
@@ -55,6 +54,7 @@ from declip_hf import (
 )
 from declip_hf.modeling_declip_eva import declip_vision_class
 from declip_hf.loading_utils import image_normalisation, quiet_transformers
+from declip_hf.vfm import vfm_normalisation, vfm_patch_size
 from training.checkpointing import (
     RUN_IDENTITY_KEY,
     CheckpointSaveError,
@@ -79,7 +79,7 @@ from training.optim import LR_SCALINGS, build_optimizer, build_scheduler, config
 from training.optim import total_update_steps
 from training.progress import EpochImageCounts, TrainingProgress
 from training.run_folder import claim_output_dir, resumable_args
-from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM, vfm_patch_size
+from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM
 from training.tiny_assets import make_tiny_assets
 from training.views import ViewConfig, VFMView
 
@@ -444,8 +444,7 @@ def _vfm_view(name: str) -> VFMView:
     """A context teacher's view: the patch size its adapter reads from its config, its processor's normalisation
     (ImageNet's when it has none)."""
     patch = vfm_patch_size(_read_config(name, "--vfm"), name)
-    mean, std = image_normalisation(name, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    return VFMView(patch, mean, std)
+    return VFMView(patch, *vfm_normalisation(name))
 
 
 def _view_config(args: argparse.Namespace, student_config, vfm_views: list[VFMView]) -> tuple[ViewConfig, list[str]]:
