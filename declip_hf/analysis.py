@@ -1,5 +1,6 @@
 """Measure what DeCLIP (CVPR 2025, arXiv 2505.04410) changes: per-layer attention, proxy-token scores and context
-correlations of a `DeCLIPVisionModel` or of any CLIP checkpoint loaded as one (docs/method.md §1.5).
+correlations of a `DeCLIPVisionModel` (or any CLIP checkpoint loaded as one) or a `DeCLIPEvaVisionModel` (the EVA02
+students of the authors' released checkpoints; docs/method.md §1.5, §8).
 
 The paper's diagnosis: in CLIP's deeper layers the CLS token and every image token attend to the same few
 background "proxy" tokens whatever their own position, which destroys spatial correlation; the decoupled final
@@ -7,10 +8,13 @@ layer and the context distillation restore VFM-like correlations. This module gi
 numbers.
 
 **Attention.** `analyse_attention` runs the encoder once and returns, for every layer, the ordinary attention
-`softmax(s · q kᵀ)` per head (computed from the layer's own `layer_norm1`, `q_proj` and `k_proj`, so it works with
-any `attn_implementation` and at any input size that is a multiple of the patch size), plus the final layer's
-*decoupled* attention for the model's `decoupled_attention` mode (docs/method.md §1.2: `softmax(s · q qᵀ)` for
-`qq`, the sum of two softmaxes for `csa`, ...; `vanilla` is the ordinary attention, `maskclip` the identity).
+`softmax(s · q kᵀ)` per head (computed from the layer's own norm and q/k projections, so it works with any
+`attn_implementation` and at any input size that is a multiple of the patch size; for EVA02 with the q bias and the
+rotary embedding of the patch rows, as its attention applies them), plus the final layer's *decoupled* attention
+for the model's `decoupled_attention` mode (docs/method.md §1.2: `softmax(s · q qᵀ)` for `qq`, the sum of two
+softmaxes for `csa`, ...; `vanilla` is the ordinary attention, `maskclip` the identity; EVA02's `ss_attn` has
+`s = 1` and no rotary, §8). Each family is read by its `EncoderReader` (`ENCODER_READERS`, keyed on the config's
+`model_type`).
 Token order is CLS first, then the `h × w` patches in row-major order.
 
 **Proxy-token score.** For one attention matrix `A` of shape `(1+N, 1+N)` (one head, one image), take its `N`
@@ -33,7 +37,8 @@ and then averaged (heads can pick different proxies; averaging the heads first w
 
 **Context correlation.** For a query patch, its cosine similarity with every patch of the student's context
 features (docs/method.md §4.2: rows L2-normalised over channels, averaged over the mode's projections), and the
-same row of a VFM's patch features (`VFMPatchFeatures`, a DINOv2): the two maps the context loss aligns.
+same row of a VFM's patch features (`VFMPatchFeatures`: a DINOv2, DINO or SAM read by `declip_hf.vfm`'s adapters, as
+the context teacher is in training): the two maps the context loss aligns.
 
 Example (one image, one query patch):
 
@@ -52,12 +57,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .loading_utils import image_normalisation, quiet_transformers
+from .loading_utils import quiet_transformers
+from .configuration_declip import DeCLIPVisionConfig
+from .configuration_declip_eva import DeCLIPEvaVisionConfig
 from .modeling_declip import DECOUPLED_PATHS, DeCLIPVisionModel, SelfSimilarityAttention, _split_heads
+from .modeling_declip_eva import EVA_DECOUPLED_PATHS, DeCLIPEvaVisionModel, apply_rotary
+from .vfm import vfm_adapter_class, vfm_normalisation
 
 DEFAULT_TOP_K = 5
+
+# The student families the analysis reads (each through its `EncoderReader`, chosen by the config's model_type).
+DeCLIPModel = DeCLIPVisionModel | DeCLIPEvaVisionModel
 
 # The attention map of CLS is asked for with this query index; patch queries are 0 ... N-1 (row-major).
 CLS_QUERY = None
@@ -107,25 +118,131 @@ def _softmax_similarity(left: torch.Tensor, right: torch.Tensor, scale: float) -
     return torch.softmax(left.float() @ right.float().transpose(-1, -2) * scale, dim=-1)
 
 
-def _head_projections(layer: nn.Module, hidden_states: torch.Tensor, names) -> dict[str, torch.Tensor]:
-    """The layer's q/k/v projections of `layer_norm1(hidden_states)`, split into heads (B, H, T, d)."""
-    attention = layer.self_attn
-    normed = layer.layer_norm1(hidden_states)
-    return {name: _split_heads(getattr(attention, f"{name}_proj")(normed), attention.num_heads) for name in names}
+class EncoderReader:
+    """How the analysis reads one student family's encoder layer by layer: each layer's input, its q/k/v, and the
+    scales its attention and its decoupled path use. One subclass per family, chosen by `encoder_reader` from the
+    config's `model_type`; `state` is whatever the family's layers take besides the tokens (EVA02: rotary tables)."""
+
+    decoupled_paths: dict
+
+    def embed(self, model: nn.Module, pixel_values: torch.Tensor, grid: tuple[int, int]):
+        """(the first layer's input (B, 1+N, C), state)."""
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def run_layer(self, layer: nn.Module, hidden_states: torch.Tensor, state) -> torch.Tensor:
+        raise NotImplementedError
+
+    def projection_heads(self, layer: nn.Module, hidden_states: torch.Tensor, names) -> dict[str, torch.Tensor]:
+        """The layer's q/k/v projections of its normed input, biases included, as (B, H, T, d) heads."""
+        raise NotImplementedError
+
+    def query_key(self, layer: nn.Module, hidden_states: torch.Tensor, state):
+        """(q, k, scale) exactly as the layer's own attention uses them: `softmax(scale · q kᵀ)`."""
+        raise NotImplementedError
+
+    def self_similarity_scale(self, layer: nn.Module) -> float:
+        """The scale `s` of the decoupled path's `softmax(s / len(group) · p pᵀ)` (docs/method.md §1.2, §8)."""
+        raise NotImplementedError
+
+    def num_heads(self, layer: nn.Module) -> int:
+        raise NotImplementedError
 
 
-def query_key_attention(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """A CLIP encoder layer's own attention weights `softmax(s · q kᵀ)` for its input `hidden_states` (B, T, C)."""
-    heads = _head_projections(layer, hidden_states, ("q", "k"))
-    return _softmax_similarity(heads["q"], heads["k"], layer.self_attn.scale)
+class ClipEncoderReader(EncoderReader):
+    """OpenAI-CLIP layout ([`DeCLIPVisionModel`]): `pre_layrnorm`, then CLIP encoder layers."""
+
+    decoupled_paths = DECOUPLED_PATHS
+
+    def embed(self, model, pixel_values, grid):
+        return model.pre_layrnorm(model.embeddings(pixel_values, interpolate_pos_encoding=True)), None
+
+    def layers(self, model):
+        return model.encoder.layers
+
+    def run_layer(self, layer, hidden_states, state):
+        return layer(hidden_states, None)
+
+    def projection_heads(self, layer, hidden_states, names):
+        attention = layer.self_attn
+        normed = layer.layer_norm1(hidden_states)
+        return {name: _split_heads(getattr(attention, f"{name}_proj")(normed), attention.num_heads) for name in names}
+
+    def query_key(self, layer, hidden_states, state):
+        heads = self.projection_heads(layer, hidden_states, ("q", "k"))
+        return heads["q"], heads["k"], layer.self_attn.scale
+
+    def self_similarity_scale(self, layer):
+        return layer.self_attn.scale
+
+    def num_heads(self, layer):
+        return layer.self_attn.num_heads
 
 
-def _self_similarity_attention(path: SelfSimilarityAttention):
-    """The weights of a trainable mode: one softmax per group of projections, summed (docs/method.md §1.2)."""
+class EvaEncoderReader(EncoderReader):
+    """EVA02 layout ([`DeCLIPEvaVisionModel`], docs/method.md §8): q bias, rotary q and k on the patch rows (CLS
+    untouched), sub-LN after attention; the decoupled `ss_attn` uses unrotated projections and no 1/sqrt(d) scale."""
 
-    def weights(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        heads = _head_projections(layer, hidden_states, path.context_names)
-        scale = layer.self_attn.scale
+    decoupled_paths = EVA_DECOUPLED_PATHS
+
+    def embed(self, model, pixel_values, grid):
+        return model._embed(pixel_values, grid)  # (tokens with CLS and positions, rotary tables)
+
+    def layers(self, model):
+        return model.blocks
+
+    def run_layer(self, layer, hidden_states, state):
+        return layer(hidden_states, state)
+
+    def projection_heads(self, layer, hidden_states, names):
+        projections = layer.attn.projections(layer.norm1(hidden_states))
+        return {name: _split_heads(projections[name], layer.attn.num_heads) for name in names}
+
+    def query_key(self, layer, hidden_states, state):
+        heads = self.projection_heads(layer, hidden_states, ("q", "k"))
+        query, key = apply_rotary(heads["q"], state), apply_rotary(heads["k"], state)
+        return query, key, query.shape[-1] ** -0.5  # scaled_dot_product_attention's default scale
+
+    def self_similarity_scale(self, layer):
+        return 1.0  # EvaSelfSimilarityAttention: scale 1 per docs/method.md §8
+
+    def num_heads(self, layer):
+        return layer.attn.num_heads
+
+
+# The reader of each student family, by its config's model_type.
+ENCODER_READERS = {
+    DeCLIPVisionConfig.model_type: ClipEncoderReader(),
+    DeCLIPEvaVisionConfig.model_type: EvaEncoderReader(),
+}
+
+
+def encoder_reader(model: nn.Module) -> EncoderReader:
+    """The reader for `model`'s family; a ValueError naming the supported model types for any other model."""
+    model_type = model.config.model_type
+    if model_type not in ENCODER_READERS:
+        raise ValueError(
+            f"the analysis reads DeCLIP students of model_type {', '.join(ENCODER_READERS)}, not {model_type!r}; "
+            "load the checkpoint with DeCLIPVisionModel or DeCLIPEvaVisionModel."
+        )
+    return ENCODER_READERS[model_type]
+
+
+def query_key_attention(reader: EncoderReader, layer: nn.Module, hidden_states: torch.Tensor, state) -> torch.Tensor:
+    """A layer's own attention weights `softmax(s · q kᵀ)` for its input `hidden_states` (B, T, C)."""
+    query, key, scale = reader.query_key(layer, hidden_states, state)
+    return _softmax_similarity(query, key, scale)
+
+
+def _self_similarity_attention(mode: str):
+    """The weights of a trainable mode: one softmax per group of projections, summed (docs/method.md §1.2, §8)."""
+
+    def weights(reader: EncoderReader, layer: nn.Module, hidden_states: torch.Tensor, state) -> torch.Tensor:
+        path = reader.decoupled_paths[mode]
+        heads = reader.projection_heads(layer, hidden_states, path.context_names)
+        scale = reader.self_similarity_scale(layer)
         total = 0
         for group in path.similarity_groups:
             similarity = torch.cat([heads[name] for name in group], dim=-1)  # (B, H, T, d * len(group))
@@ -135,17 +252,18 @@ def _self_similarity_attention(path: SelfSimilarityAttention):
     return weights
 
 
-def _identity_attention(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def _identity_attention(reader: EncoderReader, layer: nn.Module, hidden_states: torch.Tensor, state) -> torch.Tensor:
     """MaskCLIP replaces attention by the value path: every token keeps only itself."""
     batch_size, num_tokens, _ = hidden_states.shape
     eye = torch.eye(num_tokens, device=hidden_states.device)
-    return eye.expand(batch_size, layer.self_attn.num_heads, num_tokens, num_tokens)
+    return eye.expand(batch_size, reader.num_heads(layer), num_tokens, num_tokens)
 
 
-# The final layer's attention weights for each `decoupled_attention` mode (the same keys as DECOUPLED_PATHS).
+# The final layer's attention weights for each `decoupled_attention` mode (the same keys as DECOUPLED_PATHS and
+# EVA_DECOUPLED_PATHS), each called as (reader, last layer, its input, state).
 DECOUPLED_ATTENTION_WEIGHTS = {
     **{
-        mode: _self_similarity_attention(path)
+        mode: _self_similarity_attention(mode)
         for mode, path in DECOUPLED_PATHS.items()
         if isinstance(path, SelfSimilarityAttention)
     },
@@ -154,23 +272,25 @@ DECOUPLED_ATTENTION_WEIGHTS = {
 }
 
 
-def grid_size(model: DeCLIPVisionModel, pixel_values: torch.Tensor) -> tuple[int, int]:
+def grid_size(model: DeCLIPModel, pixel_values: torch.Tensor) -> tuple[int, int]:
     """The patch grid `(h, w)` of `pixel_values` (B, C, H, W); a size that is not a multiple of the patch size
     raises the model's `ValueError`."""
     return model._grid_size(model._check_pixel_values(pixel_values))
 
 
 @torch.no_grad()
-def analyse_attention(model: DeCLIPVisionModel, pixel_values: torch.Tensor) -> DeCLIPAttentionOutput:
+def analyse_attention(model: DeCLIPModel, pixel_values: torch.Tensor) -> DeCLIPAttentionOutput:
     """Every layer's attention weights and the final layer's decoupled ones, in one pass over the encoder."""
+    reader = encoder_reader(model)
     grid = grid_size(model, pixel_values)
     mode = model.config.decoupled_attention
-    hidden_states = model.pre_layrnorm(model.embeddings(pixel_values, interpolate_pos_encoding=True))
+    hidden_states, state = reader.embed(model, pixel_values, grid)
+    layers = reader.layers(model)
     layer_attentions = []
-    for layer in model.encoder.layers:
-        layer_attentions.append(query_key_attention(layer, hidden_states))
-        last_input, hidden_states = hidden_states, layer(hidden_states, None)
-    decoupled = DECOUPLED_ATTENTION_WEIGHTS[mode](model.encoder.layers[-1], last_input)
+    for layer in layers:
+        layer_attentions.append(query_key_attention(reader, layer, hidden_states, state))
+        last_input, hidden_states = hidden_states, reader.run_layer(layer, hidden_states, state)
+    decoupled = DECOUPLED_ATTENTION_WEIGHTS[mode](reader, layers[-1], last_input, state)
     return DeCLIPAttentionOutput(tuple(layer_attentions), decoupled, grid, mode)
 
 
@@ -200,7 +320,7 @@ def attention_map(attention: torch.Tensor, query_index: int | None, grid: tuple[
 
 
 def layer_attention_maps(
-    model: DeCLIPVisionModel, pixel_values: torch.Tensor, query_index: int | None
+    model: DeCLIPModel, pixel_values: torch.Tensor, query_index: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's attention maps of `query_index` per head: every layer's (L, num_heads, h, w) and the final
     layer's decoupled one (num_heads, h, w). `.mean(-3)` averages the heads."""
@@ -210,7 +330,7 @@ def layer_attention_maps(
     return layers, attention_map(analysis.decoupled_attention[0], query_index, grid)
 
 
-def final_layer_attention(model: DeCLIPVisionModel, pixel_values: torch.Tensor, query_index: int | None):
+def final_layer_attention(model: DeCLIPModel, pixel_values: torch.Tensor, query_index: int | None):
     """The final layer's decoupled attention of one image's `query_index` (patch index, or None for CLS), heads
     averaged: an (h, w) map."""
     return layer_attention_maps(model, pixel_values, query_index)[1].mean(0)
@@ -282,7 +402,7 @@ def attention_proxy_scores(analysis: DeCLIPAttentionOutput, top_k: int = DEFAULT
 
 
 def model_proxy_scores(
-    model: DeCLIPVisionModel, pixel_values: torch.Tensor, top_k: int = DEFAULT_TOP_K
+    model: DeCLIPModel, pixel_values: torch.Tensor, top_k: int = DEFAULT_TOP_K
 ) -> LayerProxyScores:
     """Proxy-token scores of every layer and of the decoupled final layer, averaged over heads and the batch."""
     return attention_proxy_scores(analyse_attention(model, pixel_values), top_k)
@@ -303,7 +423,7 @@ def correlation_map(features: torch.Tensor, query_index: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def context_correlation(model: DeCLIPVisionModel, pixel_values: torch.Tensor, query_index: int) -> torch.Tensor:
+def context_correlation(model: DeCLIPModel, pixel_values: torch.Tensor, query_index: int) -> torch.Tensor:
     """Row `query_index` of the student's context correlation, `(1/m) Σᵢ corr(Pᵢ)` over the mode's context
     features (docs/method.md §4.2), as (h, w) maps for each image: (B, h, w)."""
     grid = grid_size(model, pixel_values)
@@ -318,25 +438,16 @@ def context_correlation(model: DeCLIPVisionModel, pixel_values: torch.Tensor, qu
 
 
 class VFMPatchFeatures:
-    """A DINOv2 (with or without registers) read as DeCLIP's context teacher reads it (docs/method.md §4.2): its
-    final-layer-normed patch tokens, CLS and registers dropped, as a (B, C, h, w) float32 map."""
-
-    PREFIX_TOKENS = {
-        "dinov2": lambda config: 1,
-        "dinov2_with_registers": lambda config: 1 + config.num_register_tokens,
-    }
+    """A VFM (DINOv2 with or without registers, DINO, SAM: any family of `declip_hf.vfm.VFM_ADAPTERS`) read as
+    DeCLIP's context teacher reads it (docs/method.md §4.2, §9), by the same adapter the distillation uses: a
+    (B, C, h, w) float32 map of its patch features."""
 
     def __init__(self, model: nn.Module):
-        model_type = model.config.model_type
-        if model_type not in self.PREFIX_TOKENS:
-            raise ValueError(
-                f"the VFM is a {model_type!r} model; pass one of {', '.join(self.PREFIX_TOKENS)} "
-                "(e.g. facebook/dinov2-base)."
-            )
-        self.model = model.eval()
-        self.num_prefix_tokens = self.PREFIX_TOKENS[model_type](model.config)
-        self.patch_size = model.config.patch_size
         self.name = model.config.name_or_path
+        adapter_class = vfm_adapter_class(model.config, self.name)
+        self.model = model.eval()
+        self.adapter = adapter_class(self.model)
+        self.patch_size = adapter_class.patch_size(model.config)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "VFMPatchFeatures":
@@ -345,17 +456,14 @@ class VFMPatchFeatures:
 
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The VFM's image mean/std (its image-processor config; ImageNet's when it has none)."""
-        return image_normalisation(self.name, default_mean=IMAGENET_DEFAULT_MEAN, default_std=IMAGENET_DEFAULT_STD)
+        return vfm_normalisation(self.name)
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"VFM input {height}x{width} is not a multiple of its patch size {self.patch_size}.")
-        tokens = self.model(pixel_values=pixel_values.to(self.model.dtype)).last_hidden_state
-        patches = tokens[:, self.num_prefix_tokens :].float()  # (B, N, C)
-        # (B, N, C) -> (B, C, h, w)
-        return patches.transpose(1, 2).unflatten(-1, (height // self.patch_size, width // self.patch_size))
+        return self.adapter(pixel_values.to(self.model.dtype)).float()
 
 
 def vfm_correlation(vfm: VFMPatchFeatures, pixel_values: torch.Tensor, query_index: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .analysis import (
     CLS_QUERY,
     DEFAULT_TOP_K,
+    DeCLIPModel,
     VFMPatchFeatures,
     analyse_attention,
     attention_map,
@@ -36,7 +37,7 @@ from .analysis import (
 from .cli import exits_on_user_error, make_parser
 from .configuration_declip import DECOUPLED_ATTENTION_MODES
 from .loading_utils import image_normalisation, quiet_transformers
-from .modeling_declip import DeCLIPVisionModel
+from .modeling_declip_eva import declip_vision_class
 from .preprocessing import letterbox, prepare_dense_inputs
 from .segment import read_image
 
@@ -58,7 +59,7 @@ class AnalysedModel:
 
     label: str
     checkpoint: str
-    model: DeCLIPVisionModel
+    model: DeCLIPModel
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -67,10 +68,11 @@ class AnalysedModel:
 
 
 def load_analysed_model(checkpoint: str, mode: str | None, device: str = "cpu") -> AnalysedModel:
-    """A DeCLIP or CLIP checkpoint as a `DeCLIPVisionModel`, in `mode` when given (else the checkpoint's)."""
+    """A DeCLIP or CLIP checkpoint as a `DeCLIPVisionModel`, or an EVA02 DeCLIP one as a `DeCLIPEvaVisionModel` (its
+    config decides), in `mode` when given (else the checkpoint's)."""
     overrides = {"decoupled_attention": mode} if mode else {}
     with quiet_transformers():
-        model = DeCLIPVisionModel.from_pretrained(checkpoint, **overrides).to(device).eval()
+        model = declip_vision_class(checkpoint).from_pretrained(checkpoint, **overrides).to(device).eval()
     mean, std = image_normalisation(checkpoint)
     label = f"{Path(str(checkpoint).rstrip('/')).name} ({model.config.decoupled_attention})"
     return AnalysedModel(label, str(checkpoint), model, mean, std)
@@ -281,10 +283,13 @@ def _vfm_correlation(vfm: VFMPatchFeatures, image, size, reference: AnalysedMode
 def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("images", nargs="+", help="Image files or folders of images.")
-    parser.add_argument("--model", required=True, help="DeCLIP or CLIP checkpoint (local folder or Hub id).")
+    parser.add_argument("--model", required=True,
+                        help="DeCLIP (CLIP or EVA02 student) or CLIP checkpoint (local folder or Hub id).")
     parser.add_argument("--compare", default=None,
                         help="A second checkpoint to show beside --model (e.g. the CLIP it started from).")
-    parser.add_argument("--vfm", default=None, help="DINOv2 checkpoint whose patch correlations are shown beside.")
+    parser.add_argument("--vfm", default=None,
+                        help="VFM checkpoint whose patch correlations are shown beside, read as the context teacher "
+                        "is in training: DINOv2 (with or without registers), DINO (ViT) or SAM.")
     parser.add_argument("--out", required=True, help="Folder for the figures and scores.json (created).")
     parser.add_argument("--decoupled-attention", default=None, choices=DECOUPLED_ATTENTION_MODES,
                         help="Mode to read --model's final layer in (unset: the checkpoint's).")

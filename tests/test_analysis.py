@@ -274,7 +274,7 @@ def test_context_correlation_needs_a_trainable_mode(tiny_clip_dir, pixel_values)
 
 def test_vfm_correlation_reads_patch_tokens_after_registers(tiny_dinov2_registers_dir):
     vfm = VFMPatchFeatures.from_pretrained(tiny_dinov2_registers_dir)
-    assert vfm.num_prefix_tokens == 5 and vfm.patch_size == 2
+    assert vfm.adapter.num_prefix_tokens == 5 and vfm.patch_size == 2
     pixel_values = torch.randn(1, 3, 16, 20)
     reference = AutoModel.from_pretrained(tiny_dinov2_registers_dir).eval()
     with torch.no_grad():
@@ -284,6 +284,7 @@ def test_vfm_correlation_reads_patch_tokens_after_registers(tiny_dinov2_register
     )
 
 
-def test_vfm_must_be_dinov2(tiny_clip_dir):
-    with pytest.raises(ValueError, match="dinov2"):
+def test_vfm_must_be_a_supported_family(tiny_clip_dir):
+    # DINO and SAM are read too since the analysis shares declip_hf.vfm's adapters (tests/test_vfm.py).
+    with pytest.raises(ValueError, match="dinov2, dinov2_with_registers, vit, sam"):
         VFMPatchFeatures.from_pretrained(tiny_clip_dir)

@@ -344,21 +344,23 @@ def test_bad_value_in_the_config_file_is_checked_like_a_flag(tmp_path, tiny_clip
 # ------------------------------------------------------------------------------------------------ two processes
 
 
-def _launch(argv: list, processes: int, port: int, cpu: bool = True) -> subprocess.CompletedProcess:
+def _launch(argv: list, processes: int, port: int, cpu: bool = True, python_path: tuple = (),
+            timeout: float = 400) -> subprocess.CompletedProcess:
     """A real `accelerate launch` of distill.py with `processes` CPU processes (DDP over gloo). `accelerate launch
     --cpu --num_processes 2` would start ONE process; --multi_gpu with ACCELERATE_USE_CPU=1 starts them all.
     `cpu=False` leaves that switch off on a machine without GPUs (the launcher then starts processes Accelerate does
-    not join)."""
+    not join). `python_path` folders go before the repository on PYTHONPATH (e.g. one holding a test's
+    sitecustomize.py, which every process runs at start-up)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                str(port), "training/distill.py", *map(str, argv)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(map(str, (*python_path, REPO_ROOT)))}
     env.pop("ACCELERATE_USE_CPU", None)
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a machine without GPUs, wherever the test runs
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ Real entry points (`main([...])` in this process, `accelerate launch` for severa
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from datasets import Dataset, Features, Image
 
 from declip_hf import DeCLIPVisionModel
@@ -25,6 +27,7 @@ from training.checkpointing import (
     remove_orphans,
     write_file_atomically,
 )
+from training.collectives import first_failure
 from training.progress import TrainingProgress, read_log_records, uneven_ranks_warning
 from training.tiny_assets import bad_images, encode, synthetic_image, write_image_shards
 from training.views import SKIP_REASONS
@@ -257,6 +260,55 @@ def test_disk_full_while_saving_is_a_clear_error_and_leaves_no_marked_checkpoint
                         2), capsys, exit_code=1)
     assert "Could not save checkpoint-2" in line and "the disk is full" in line and "not marked complete" in line
     assert not completed_checkpoints(run_dir / "checkpoints")
+
+
+def test_first_failure_on_one_process_is_its_error_and_empty_when_none_failed():
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = Accelerator(cpu=True)
+        assert first_failure(accelerator, "") == ""
+        assert first_failure(accelerator, "the disk is full") == "the disk is full"  # one process: no number
+    finally:
+        AcceleratorState._reset_state(True)  # no Accelerate singleton left for the tests that follow
+
+
+# Runs in every launched process at start-up: the process of rank DISK_FULL_RANK cannot write its checkpoint files.
+_DISK_FULL_SITECUSTOMIZE = """
+import errno, os
+if os.environ.get("RANK") == os.environ.get("DISK_FULL_RANK", "none"):
+    from accelerate import Accelerator
+
+    def disk_full(self, output_dir=None, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    Accelerator.save_state = disk_full
+"""
+
+
+def test_disk_full_on_one_of_two_processes_stops_both_with_one_error_line(tmp_path, tiny_clip_dir, tiny_dinov2_dir,
+                                                                         shards, monkeypatch):
+    """Process 1 (not the main one, which prints the errors) hits ENOSPC: both processes stop at the save's
+    collective, the main one names the cause, and nothing is marked complete."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_DISK_FULL_SITECUSTOMIZE)
+    monkeypatch.setenv("DISK_FULL_RANK", "1")
+    run_dir = tmp_path / "run"
+    argv = _argv(tiny_clip_dir, tiny_dinov2_dir, shards, run_dir, "--max_steps", 2, "--checkpointing_steps", 1,
+                 "--per_device_batch_size", 2)
+    result = _launch(argv, processes=2, port=29573, python_path=(hook,), timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-5000:]
+    lines = [line for line in output.splitlines() if line.startswith("distill.py: error:")]
+    assert len(lines) == 1, output[-5000:]
+    assert "Could not save checkpoint-1" in lines[0] and "the disk is full; on process 1" in lines[0]
+    assert "not marked complete" in lines[0]
+    # Both processes ended by themselves with exit status 1 (the launcher killed neither).
+    # Both processes stopped (within the timeout), each with a non-zero status: the launcher's summary lists both.
+    statuses = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*exitcode\s*: (-?\d+)", output))
+    assert set(statuses) == {"0", "1"} and "0" not in statuses.values(), output[-3000:]
+    assert not completed_checkpoints(run_dir / "checkpoints")
+    assert not (run_dir / "checkpoints" / "checkpoint-1").exists()
 
 
 def test_disk_full_while_saving_the_model_is_a_clear_error(tmp_path, tiny_clip_dir, tiny_dinov2_dir, shards,

@@ -1,5 +1,5 @@
-"""The context teachers (training/teachers/, docs/method.md §9): the registry, each adapter's features against a
-plain computation on a tiny random model, and the per-teacher views."""
+"""The context teachers (adapters in declip_hf/vfm/, wrappers in training/teachers/; docs/method.md §9): the registry,
+each adapter's features against a plain computation on a tiny random model, and the per-teacher views."""
 
 import math
 import random

@@ -7,7 +7,8 @@ stream) and, written last, the `COMPLETED` marker. A checkpoint is first written
 renamed only once complete; `latest` only considers folders with the marker. Pruning removes the marker before the
 files, so a kill mid-prune never leaves a half-deleted folder that claims to be complete; such leftovers (unmarked
 `checkpoint-*` and `.tmp-*` folders) are removed at start-up and after every save. Every process must call the save
-and load functions (they contain barriers), on a file system all processes share.
+and load functions (they contain collectives), on a file system all processes share; a save that fails on any
+process fails on all of them (`training/collectives.py`).
 
 `trainer_state.json` also records the run's identity (`RUN_IDENTITY_KEY`): the arguments and launch settings that
 determine what the run computes, so that a resume can refuse to continue a different run (`identity_differences`).
@@ -20,6 +21,8 @@ import re
 import shutil
 from pathlib import Path
 
+from training.collectives import FailedOnEveryProcess, first_failure
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STAGING_PREFIX = ".tmp-"
 COMPLETED_MARKER = "COMPLETED"
@@ -27,8 +30,9 @@ TRAINER_STATE = "trainer_state.json"
 RUN_IDENTITY_KEY = "run_identity"
 
 
-class CheckpointSaveError(RuntimeError):
-    """A checkpoint could not be written (e.g. the disk is full); it was not marked complete."""
+class CheckpointSaveError(FailedOnEveryProcess):
+    """A checkpoint could not be written on some process (e.g. the disk is full); it was not marked complete. Raised on
+    every process."""
 
 
 def write_file_atomically(path: Path, text: str) -> None:
@@ -83,41 +87,62 @@ def save_checkpoint(
 ) -> Path:
     """Save a complete checkpoint of `step` (call on every process).
 
-    Raises `CheckpointSaveError` naming the fix when the files cannot be written (disk full, quota, permissions);
-    the partial copy stays unmarked under its temporary name and is removed at the next start.
+    Raises `CheckpointSaveError` naming the fix, on every process, when the files cannot be written on any one of
+    them (disk full, quota, permissions): each stage ends with one collective at which all processes learn whether
+    any failed (`first_failure`), so none is left waiting at a barrier. The partial copy stays unmarked under its
+    temporary name and is removed at the next start.
     """
     final = checkpoints_dir / checkpoint_name(step)
     staging = checkpoints_dir / f"{STAGING_PREFIX}{checkpoint_name(step)}"
-    try:
-        _write_staging(accelerator, staging, trainer_state, data_position, step)
-    except OSError as error:
-        raise CheckpointSaveError(_save_failure_message(error, final, checkpoints_dir)) from error
-    if accelerator.is_main_process:
-        remove_checkpoint(final)  # an older save of the same step (after resuming further back)
-        staging.rename(final)
-        prune_checkpoints(checkpoints_dir, total_limit)
-        remove_orphans(checkpoints_dir)
-    accelerator.wait_for_everyone()
+    stages = (
+        lambda: _prepare_staging(accelerator, staging),
+        lambda: _write_process_files(accelerator, staging, data_position),
+        # Only once every process's files are written: the marker, then the rename (the main process's part).
+        lambda: _complete(accelerator, staging, final, trainer_state, step, total_limit),
+    )
+    for stage in stages:
+        failure = first_failure(accelerator, _failure_of(stage))
+        if failure:
+            raise CheckpointSaveError(_save_failure_message(failure, final, checkpoints_dir))
     return final
 
 
-def _write_staging(accelerator, staging: Path, trainer_state: dict, data_position: dict, step: int) -> None:
+def _failure_of(stage) -> str:
+    """Run `stage`; "" when it succeeds, else what went wrong (any error: the other processes must hear of it)."""
+    try:
+        stage()
+    except OSError as error:
+        return "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else str(error)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def _prepare_staging(accelerator, staging: Path) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # left over by an interrupted save
         staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+
+
+def _write_process_files(accelerator, staging: Path, data_position: dict) -> None:
     accelerator.save_state(str(staging))
     (staging / _data_position_file(accelerator.process_index)).write_text(json.dumps(data_position))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        (staging / COMPLETED_MARKER).write_text(f"{step}\n")  # last: only a complete copy is ever marked
 
 
-def _save_failure_message(error: OSError, final: Path, checkpoints_dir: Path) -> str:
+def _complete(accelerator, staging: Path, final: Path, trainer_state: dict, step: int, total_limit: int | None):
+    if not accelerator.is_main_process:
+        return
+    (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+    (staging / COMPLETED_MARKER).write_text(f"{step}\n")  # last: only a complete copy is ever marked
+    remove_checkpoint(final)  # an older save of the same step (after resuming further back)
+    staging.rename(final)
+    prune_checkpoints(final.parent, total_limit)
+    remove_orphans(final.parent)
+
+
+def _save_failure_message(cause: str, final: Path, checkpoints_dir: Path) -> str:
     completed = completed_checkpoints(checkpoints_dir)
     fallback = f"the newest complete one is {completed[-1].name}" if completed else "there is no complete one yet"
-    cause = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else str(error)
     return (f"Could not save {final.name} in {checkpoints_dir} ({cause}); it was not marked complete and "
             f"{fallback}. Free space (or lower --checkpoints_total_limit, or choose another --output_dir), then "
             f"relaunch with --resume_from_checkpoint latest.")

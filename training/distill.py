@@ -43,7 +43,6 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import declip_hf
 from declip_hf import (
@@ -55,6 +54,7 @@ from declip_hf import (
 )
 from declip_hf.modeling_declip_eva import declip_vision_class
 from declip_hf.loading_utils import image_normalisation, quiet_transformers
+from declip_hf.vfm import vfm_normalisation, vfm_patch_size
 from training.checkpointing import (
     RUN_IDENTITY_KEY,
     CheckpointSaveError,
@@ -63,6 +63,7 @@ from training.checkpointing import (
     save_checkpoint,
     write_file_atomically,
 )
+from training.collectives import FailedOnEveryProcess, first_failure
 from training.data import (
     ImageViewsDataset,
     StreamPosition,
@@ -79,7 +80,7 @@ from training.optim import LR_SCALINGS, build_optimizer, build_scheduler, config
 from training.optim import total_update_steps
 from training.progress import EpochImageCounts, TrainingProgress
 from training.run_folder import claim_output_dir, resumable_args
-from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM, vfm_patch_size
+from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM
 from training.tiny_assets import make_tiny_assets
 from training.views import ViewConfig, VFMView
 
@@ -94,6 +95,10 @@ STUDENT_MODEL_TYPES = ("clip", "clip_vision_model", DeCLIPVisionConfig.model_typ
 
 class TrainingFailed(RuntimeError):
     """The run cannot go on (diverged, no usable data, disk full); the message says why and what to do."""
+
+
+class ModelSaveFailed(TrainingFailed, FailedOnEveryProcess):
+    """The final model folder could not be written (on the main process); raised on every process."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -448,8 +453,7 @@ def _vfm_view(name: str) -> VFMView:
     """A context teacher's view: the patch size its adapter reads from its config, its processor's normalisation
     (ImageNet's when it has none)."""
     patch = vfm_patch_size(_read_config(name, "--vfm"), name)
-    mean, std = image_normalisation(name, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    return VFMView(patch, mean, std)
+    return VFMView(patch, *vfm_normalisation(name))
 
 
 def _view_config(args: argparse.Namespace, student_config, vfm_views: list[VFMView]) -> tuple[ViewConfig, list[str]]:
@@ -857,15 +861,19 @@ def finish(run: Run) -> dict:
     summary["steps"] = summary.pop("step")
     student = accelerator.unwrap_model(run.student).model
     check_finite_weights(student, "the model")
+    error = ""
     if accelerator.is_main_process:
         try:
             with quiet_transformers():
                 save_model(student, run.run_dir / "model", run.args.student, run.args.ensemble_alpha,
                            run.args.student_size)
-        except OSError as error:
-            raise TrainingFailed(f"Could not save the model to {run.run_dir / 'model'} ({error}). Free space (or "
-                                 f"choose another --output_dir) and relaunch with --resume_from_checkpoint latest.") \
-                from error
+        except OSError as failure:
+            error = str(failure)
+    failure = first_failure(accelerator, error)  # the others wait here, and learn whether the save failed
+    if failure:
+        raise ModelSaveFailed(f"Could not save the model to {run.run_dir / 'model'} ({failure}). Free space (or "
+                              f"choose another --output_dir) and relaunch with --resume_from_checkpoint latest.")
+    if accelerator.is_main_process:
         write_training_args(run.run_dir / "training_args.json", run.args, run.argv, accelerator, run.identity,
                             summary)
     accelerator.wait_for_everyone()
@@ -914,10 +922,16 @@ def write_training_args(path: Path, args: argparse.Namespace, argv: list[str], a
     write_file_atomically(path, json.dumps(record, indent=2, default=str) + "\n")
 
 
-def fail(message: str, exit_code: int):
-    """One line on stderr (from one process) and the exit code: 2 for arguments and data, 1 for a failed run."""
+def fail(message: str, exit_code: int, accelerator: Accelerator | None = None):
+    """One line on stderr (from one process) and the exit code: 2 for arguments and data, 1 for a failed run.
+
+    With `accelerator` (for a `FailedOnEveryProcess` error, which every process raises at the same point) the
+    processes meet once more after the line is written: the launcher stops the remaining processes as soon as one
+    exits, which could otherwise cut the main process off before its line."""
     if is_first_process():
-        print(f"distill.py: error: {message}", file=sys.stderr)
+        print(f"distill.py: error: {message}", file=sys.stderr, flush=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     sys.exit(exit_code)
 
 
@@ -941,7 +955,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (TrainingFailed, CheckpointSaveError, EvaluationFailed) as error:
         if run is not None:
             run.progress.close()  # ends the progress bar's line, so the error is a line of its own
-        fail(str(error), exit_code=1)
+        in_step = run is not None and isinstance(error, FailedOnEveryProcess)
+        fail(str(error), exit_code=1, accelerator=run.accelerator if in_step else None)
     if run.accelerator.is_main_process:
         losses = ", ".join(f"{name} {_format_loss(value)}" for name, value in summary["final_losses"].items())
         print(f"Done: {summary['steps']} steps, {summary['images_seen']} images on {summary['world_size']} "

@@ -8,8 +8,9 @@ text tower of `--eval_text_model` (default: `--student`). Results go to `logs.js
 the trackers (`eval/<benchmark>/<metric>`). With `--eval_keep_best METRIC` the model folder of the best evaluation
 so far is written to RUN_DIR/best_model (exported like the final model, `--ensemble_alpha` included).
 
-The other processes wait at a collective while the main process evaluates; its outcome is broadcast, so an error
-in the evaluation stops every process instead of leaving them waiting.
+The other processes wait at a collective while the main process evaluates; its outcome reaches them there
+(`training/collectives.py`, as for checkpoint saves), so an error in the evaluation stops every process instead of
+leaving them waiting.
 """
 
 import argparse
@@ -19,13 +20,12 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-from accelerate.utils import broadcast
 
 from declip_hf.benchmarks import get_region_benchmark, get_segmentation_benchmark
 from declip_hf.evaluate import evaluate_regions, evaluate_segmentation, load_split
 from declip_hf.loading_utils import image_normalisation, quiet_transformers
 from declip_hf.segmentation import DeCLIPSegmenter, load_text_tower, text_tower_subfolder
+from training.collectives import FailedOnEveryProcess, first_failure
 from training.export import save_model
 
 EVAL_EVENT = "eval"
@@ -35,7 +35,7 @@ SEGMENTATION_METRICS = ("mIoU", "aAcc", "mAcc")
 REGION_METRICS = tuple(f"{kind}/{metric}" for kind in ("box", "mask") for metric in ("thing_mAcc", "stuff_mAcc"))
 
 
-class EvaluationFailed(RuntimeError):
+class EvaluationFailed(FailedOnEveryProcess):
     """The evaluation during training failed on the main process; every process stops."""
 
 
@@ -152,10 +152,10 @@ class TrainingEvaluator:
                 self._evaluate_and_record(step, epoch, progress)
             except Exception as failure:  # any failure must reach the waiting processes, not leave them hanging
                 error = f"{type(failure).__name__}: {failure}"
-        failed = broadcast(torch.tensor([int(bool(error))], device=self.accelerator.device), from_process=0)
-        if failed.item():
-            message = (f"The evaluation at update {step} failed ({error or 'on the main process'}). Check the eval "
-                       f"benchmark specs and data, then resume with --resume_from_checkpoint latest.")
+        failure = first_failure(self.accelerator, error)  # the others learn the main process's outcome here
+        if failure:
+            message = (f"The evaluation at update {step} failed ({failure}). Check the eval benchmark specs and data, "
+                       f"then resume with --resume_from_checkpoint latest.")
             progress.log_event("error", epoch=epoch, message=message)
             raise EvaluationFailed(message)
 

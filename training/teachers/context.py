@@ -1,40 +1,13 @@
-"""Which adapter reads which VFM: a registry keyed on the checkpoint config's `model_type` (docs/method.md §9)."""
+"""The context teachers of the distillation: frozen VFMs read by their adapters from `declip_hf.vfm`
+(docs/method.md §4.2, §9)."""
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from .base import VFMAdapter, freeze
-from .dino import DinoAdapter
-from .dinov2 import Dinov2Adapter
-from .sam import SamAdapter
+from declip_hf.vfm import vfm_adapter_class
 
-# model_type -> adapter class. A new VFM family is one adapter class added to this tuple.
-VFM_ADAPTERS = {
-    model_type: adapter for adapter in (Dinov2Adapter, DinoAdapter, SamAdapter) for model_type in adapter.model_types
-}
-SUPPORTED_EXAMPLES = ("facebook/dinov2-base", "facebook/dinov2-with-registers-base", "facebook/dino-vitb16",
-                      "facebook/sam-vit-base")
-
-
-def vfm_adapter_class(config: PretrainedConfig, name: str) -> type[VFMAdapter]:
-    """The adapter for `config`; a ValueError naming the supported model types for any other model."""
-    if config.model_type not in VFM_ADAPTERS:
-        raise ValueError(
-            f"--vfm {name!r} is a {config.model_type!r} model; the context teacher must be one of "
-            f"{', '.join(VFM_ADAPTERS)} (e.g. {', '.join(SUPPORTED_EXAMPLES)})."
-        )
-    return VFM_ADAPTERS[config.model_type]
-
-
-def check_vfm_config(config: PretrainedConfig, name: str) -> None:
-    """Fail with a message that says what to pass when `name` is no supported VFM."""
-    vfm_adapter_class(config, name)
-
-
-def vfm_patch_size(config: PretrainedConfig, name: str) -> int:
-    """The patch size of the VFM `config` describes (its view is the student's grid times this)."""
-    return vfm_adapter_class(config, name).patch_size(config)
+from .base import freeze
 
 
 class FrozenVFM(nn.Module):
