@@ -54,8 +54,8 @@ from torch import nn
 from transformers import AutoModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .loading_utils import image_normalisation, quiet_transformers
-from .modeling_declip import DECOUPLED_PATHS, DeCLIPVisionModel, SelfSimilarityAttention, _split_heads
+from .models.loading_utils import image_normalisation, quiet_transformers
+from .models.modeling_declip import DECOUPLED_PATHS, DeCLIPVisionModel, SelfSimilarityAttention, _split_heads
 
 DEFAULT_TOP_K = 5
 

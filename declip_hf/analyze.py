@@ -33,12 +33,12 @@ from .analysis import (
     point_to_patch_index,
     vfm_correlation,
 )
-from .cli import exits_on_user_error, make_parser
-from .configuration_declip import DECOUPLED_ATTENTION_MODES
-from .loading_utils import image_normalisation, quiet_transformers
-from .modeling_declip import DeCLIPVisionModel
-from .preprocessing import letterbox, prepare_dense_inputs
-from .segment import read_image
+from .models.configuration_declip import DECOUPLED_ATTENTION_MODES
+from .models.loading_utils import image_normalisation, quiet_transformers
+from .models.modeling_declip import DeCLIPVisionModel
+from .models.preprocessing import letterbox, prepare_dense_inputs
+from .segmentation.cli import exits_on_user_error, make_parser
+from .segmentation.segment import read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_POINTS = "0.5,0.5;0.2,0.25;0.8,0.75"

@@ -12,7 +12,7 @@ from torchvision.ops import roi_align
 from transformers import AutoConfig, AutoModel
 
 from declip_hf import DeCLIPEvaVisionConfig, DeCLIPEvaVisionModel
-from declip_hf.configuration_declip import DECOUPLED_ATTENTION_MODES
+from declip_hf.models.configuration_declip import DECOUPLED_ATTENTION_MODES
 
 
 HEIGHT, WIDTH = 32, 48  # non-square on purpose: a 4 x 6 grid of 8-px patches

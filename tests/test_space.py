@@ -1,4 +1,4 @@
-"""`python -m declip_hf.release ... --space DIR`: the Hugging Face Space folder for a release, validated offline."""
+"""`declip-release ... --space DIR`: the Hugging Face Space folder for a release, validated offline."""
 
 import importlib.metadata
 import io
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import SpaceCard
 
-from declip_hf import release, space
+from declip_hf.hub import release, space
 from tests.conftest import REPO_ROOT
 from tests.test_release import build_tiny_run
 
@@ -46,8 +46,10 @@ def test_release_assembles_a_space_that_runs_offline(released_space):
     # Every module of the package is copied, no bytecode caches.
     package = REPO_ROOT / "declip_hf"
     expected = {str(path.relative_to(package)) for path in package.rglob("*.py") if "__pycache__" not in path.parts}
-    copied = {str(path.relative_to(space_dir / "declip_hf")) for path in (space_dir / "declip_hf").rglob("*")}
-    assert copied == expected and "demo.py" in copied
+    copied = {
+        str(path.relative_to(space_dir / "declip_hf")) for path in (space_dir / "declip_hf").rglob("*") if path.is_file()
+    }
+    assert copied == expected and {"segmentation/demo.py", "models/modeling_declip.py"} <= copied
 
 
 def _copy(space_dir: Path, tmp_path: Path) -> Path:

@@ -2,7 +2,7 @@
 
 import torch
 
-from declip_hf.modeling_declip import tokens_to_map
+from declip_hf.models.modeling_declip import tokens_to_map
 
 from .base import VFMAdapter
 

@@ -1,6 +1,6 @@
 """Assemble, validate and push a DeCLIP release (DeCLIP, CVPR 2025, arXiv 2505.04410) to the Hugging Face Hub.
 
-    python -m declip_hf.release RUN_DIR --repo-id org/name [--results results.json] [--out DIR] [--push] [--private]
+    declip-release RUN_DIR --repo-id org/name [--results results.json] [--out DIR] [--push] [--private]
         [--analysis-images IMAGES...]
 
 The folder it assembles is what gets uploaded: safetensors weights, config with `auto_map`, the model code for
@@ -27,7 +27,10 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-from .analyze import release_analysis
+from ..analyze import release_analysis
+from ..models.loading_utils import TEXT_ENCODER_SUBFOLDER
+from ..models.modeling_declip_eva import declip_vision_class
+from ..models.preprocessing import TRAINING_SIZE_FIELD
 from .model_card import (
     PIPELINE_TAG,
     PROJECT_URL,
@@ -38,11 +41,8 @@ from .model_card import (
     hub_id_or_none,
     load_results,
 )
-from .modeling_declip_eva import declip_vision_class
-from .preprocessing import TRAINING_SIZE_FIELD
-from .segmentation import TEXT_ENCODER_SUBFOLDER
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding declip_hf/
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 SUBPROCESS_TIMEOUT_S = 900
 
@@ -416,7 +416,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--results",
         type=Path,
         default=None,
-        help="declip_hf.evaluate results JSON; when not given, RUN_DIR/eval_results.json if that file exists.",
+        help="declip-evaluate results JSON; when not given, RUN_DIR/eval_results.json if that file exists.",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="Folder to assemble the release in; when not given, RUN_DIR/release."
@@ -463,7 +463,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=None,
         help="Image files or folders: the card then shows the proxy-token scores per layer of the released model "
-        "and of --analysis-compare on them (python -m declip_hf.analyze; needs matplotlib, the [viz] extra).",
+        "and of --analysis-compare on them (declip-analyze; needs matplotlib, the [viz] extra).",
     )
     parser.add_argument(
         "--analysis-compare",
@@ -512,7 +512,7 @@ def _read_inputs(args) -> tuple[TrainingRun, dict | None, ModelCard, Path]:
     return run, results, card, out
 
 
-# The Space (declip_hf.space) builds on this module's checks and needs Gradio: imported only when --space is given.
+# The Space (declip_hf.hub.space) builds on this module's checks and needs Gradio: imported only when --space is given.
 
 
 def _prepare_space(args, model_folder: Path) -> Path | None:
