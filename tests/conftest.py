@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from declip_hf.hub.release import build_offline_hub_cache
+from declip_hf.hub.validation import build_offline_hub_cache
 from declip_hf.models.tiny import save_tiny_clip, save_tiny_dinov2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

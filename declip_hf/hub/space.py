@@ -20,7 +20,7 @@ from pathlib import Path
 from huggingface_hub import SpaceCard, SpaceCardData
 from packaging.requirements import InvalidRequirement, Requirement
 
-from .release import PACKAGE_ROOT, Check, ValidationReport, build_offline_hub_cache, prepare_out_dir
+from .validation import PACKAGE_ROOT, Check, ValidationReport, build_offline_hub_cache, prepare_out_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # declip_hf/, copied whole into the Space
 APP_FILE = "app.py"
