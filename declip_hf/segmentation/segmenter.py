@@ -436,7 +436,7 @@ class DeCLIPSegmenter(nn.Module):
 
     ```python
     >>> from PIL import Image
-    >>> from declip_hf.segmentation.segmenter import DeCLIPSegmenter
+    >>> from declip_hf import DeCLIPSegmenter
 
     >>> segmenter = DeCLIPSegmenter.from_pretrained("openai/clip-vit-base-patch16").to("cuda")
     >>> output = segmenter([Image.open("street.jpg")], ["road", "car; vehicle", "person", "sky"])
