@@ -238,7 +238,7 @@ def test_refuses_a_checkpoint_missing_weights(tmp_path):
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     save_file({name: tensor for name, tensor in state.items() if not name.startswith("head.")}, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="convert_open_clip_to_hf"):
+    with pytest.raises(ValueError, match="declip-convert CKPT --arch"):
         DeCLIPEvaVisionModel.from_pretrained(tmp_path)
 
 
