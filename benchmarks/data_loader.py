@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training.*` from the repository root
 
-from declip_hf.preprocessing import letterbox  # noqa: E402
+from declip_hf.models.preprocessing import letterbox  # noqa: E402
 from training.data import ImageViewsDataset, decode_image, make_dataloader, open_image_stream  # noqa: E402
 from training.views import ViewConfig, make_grid_crops, normalise, to_rgb  # noqa: E402
 

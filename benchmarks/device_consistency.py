@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from declip_hf import DeCLIPVisionModel
-from declip_hf.segmentation import DeCLIPSegmenter
-from declip_hf.tiny import save_tiny_clip
+from declip_hf.models.tiny import save_tiny_clip
+from declip_hf.segmentation.segmenter import DeCLIPSegmenter
 
 
 def dense_features(model, pixels, device: str, bf16: bool = False) -> torch.Tensor:

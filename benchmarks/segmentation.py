@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from declip_hf import DeCLIPVisionConfig, DeCLIPVisionModel
-from declip_hf.segmentation import ClassEmbeddings, DeCLIPSegmenter
+from declip_hf.segmentation.segmenter import ClassEmbeddings, DeCLIPSegmenter
 
 VIT_B_16 = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,

@@ -2,17 +2,19 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_declip import (
+from .models import (
     DECOUPLED_ATTENTION_MODES,
     TRAINABLE_ATTENTION_MODES,
     DeCLIPCheckpointError,
+    DeCLIPDenseOutput,
+    DeCLIPEvaVisionConfig,
+    DeCLIPEvaVisionModel,
     DeCLIPVisionConfig,
+    DeCLIPVisionModel,
+    pool_boxes,
+    pool_masks,
+    prepare_dense_inputs,
 )
-from .configuration_declip_eva import DeCLIPEvaVisionConfig
-from .modeling_declip import DeCLIPDenseOutput, DeCLIPVisionModel
-from .modeling_declip_eva import DeCLIPEvaVisionModel
-from .preprocessing import prepare_dense_inputs
-from .region_pooling import pool_boxes, pool_masks
 from .segmentation import ClassEmbeddings, DeCLIPSegmentationOutput, DeCLIPSegmenter
 
 __version__ = "0.1.0"

@@ -58,11 +58,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
 
-from .loading_utils import quiet_transformers
-from .configuration_declip import DeCLIPVisionConfig
-from .configuration_declip_eva import DeCLIPEvaVisionConfig
-from .modeling_declip import DECOUPLED_PATHS, DeCLIPVisionModel, SelfSimilarityAttention, _split_heads
-from .modeling_declip_eva import EVA_DECOUPLED_PATHS, DeCLIPEvaVisionModel, apply_rotary
+from .models.configuration_declip import DeCLIPVisionConfig
+from .models.configuration_declip_eva import DeCLIPEvaVisionConfig
+from .models.loading_utils import quiet_transformers
+from .models.modeling_declip import DECOUPLED_PATHS, DeCLIPVisionModel, SelfSimilarityAttention, _split_heads
+from .models.modeling_declip_eva import EVA_DECOUPLED_PATHS, DeCLIPEvaVisionModel, apply_rotary
 from .vfm import vfm_adapter_class, vfm_normalisation
 
 DEFAULT_TOP_K = 5

@@ -34,12 +34,12 @@ from .analysis import (
     point_to_patch_index,
     vfm_correlation,
 )
-from .cli import exits_on_user_error, make_parser
-from .configuration_declip import DECOUPLED_ATTENTION_MODES
-from .loading_utils import image_normalisation, quiet_transformers
-from .modeling_declip_eva import declip_vision_class
-from .preprocessing import letterbox, prepare_dense_inputs
-from .segment import read_image
+from .models.configuration_declip import DECOUPLED_ATTENTION_MODES
+from .models.loading_utils import image_normalisation, quiet_transformers
+from .models.modeling_declip_eva import declip_vision_class
+from .models.preprocessing import letterbox, prepare_dense_inputs
+from .segmentation.cli import exits_on_user_error, make_parser
+from .segmentation.segment import read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_POINTS = "0.5,0.5;0.2,0.25;0.8,0.75"
@@ -336,7 +336,7 @@ def analyse(models: list[AnalysedModel], images: dict[str, Image.Image], out: Pa
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The model card's figure (python -m declip_hf.release --analysis-images)
+# The model card's figure (declip-release --analysis-images)
 # --------------------------------------------------------------------------------------------------------------------
 
 CARD_FIGURE = "proxy_scores.png"

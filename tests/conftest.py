@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from declip_hf.release import build_offline_hub_cache
-from declip_hf.tiny import save_tiny_clip, save_tiny_dinov2
+from declip_hf.hub.validation import build_offline_hub_cache
+from declip_hf.models.tiny import save_tiny_clip, save_tiny_dinov2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

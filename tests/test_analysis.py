@@ -24,7 +24,7 @@ from declip_hf.analysis import (
     proxy_token_scores,
     vfm_correlation,
 )
-from declip_hf.configuration_declip import DECOUPLED_ATTENTION_MODES
+from declip_hf.models.configuration_declip import DECOUPLED_ATTENTION_MODES
 
 HEIGHT, WIDTH = 32, 40  # non-square: an 8 x 10 grid on the tiny CLIP (patch 4)
 GRID = (8, 10)

@@ -22,11 +22,11 @@ from declip_hf.analysis import (
     model_proxy_scores,
 )
 from declip_hf.analyze import main as analyze_main
-from declip_hf.configuration_declip import DECOUPLED_ATTENTION_MODES
-from declip_hf.demo import DemoSettings, point_maps
-from declip_hf.preprocessing import prepare_dense_inputs
+from declip_hf.models.configuration_declip import DECOUPLED_ATTENTION_MODES
+from declip_hf.models.preprocessing import prepare_dense_inputs
+from declip_hf.models.tiny import save_tiny_eva
 from declip_hf.segmentation import DeCLIPSegmenter
-from declip_hf.tiny import save_tiny_eva
+from declip_hf.segmentation.demo import DemoSettings, point_maps
 from tests.test_modeling_eva import heads, layer_norm, merge, pixels, qkv, rope_reference, tiny_eva_model
 
 GRID = (4, 6)  # tests.test_modeling_eva's 32 x 48 input on 8-px patches: not square

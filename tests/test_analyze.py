@@ -1,4 +1,4 @@
-"""`python -m declip_hf.analyze` end to end on tiny models: valid PNGs, a JSON whose scores are the API's."""
+"""`declip-analyze` end to end on tiny models: valid PNGs, a JSON whose scores are the API's."""
 
 import json
 import sys
@@ -10,8 +10,8 @@ from PIL import Image, ImageDraw
 from declip_hf import DeCLIPVisionModel
 from declip_hf.analysis import model_proxy_scores
 from declip_hf.analyze import main
-from declip_hf.loading_utils import image_normalisation
-from declip_hf.preprocessing import prepare_dense_inputs
+from declip_hf.models.loading_utils import image_normalisation
+from declip_hf.models.preprocessing import prepare_dense_inputs
 
 
 @pytest.fixture(scope="module")

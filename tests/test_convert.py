@@ -12,8 +12,9 @@ from open_clip.tokenizer import tokenize as open_clip_tokenize
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-from declip_hf import DeCLIPSegmenter, DeCLIPVisionModel, convert_open_clip_to_hf
-from declip_hf.convert_open_clip_to_hf import (
+from declip_hf import DeCLIPSegmenter, DeCLIPVisionModel
+from declip_hf.hub import convert_open_clip_to_hf
+from declip_hf.hub.convert_open_clip_to_hf import (
     CLIP_BPE_VOCAB_SIZE,
     OPEN_CLIP_ARCHITECTURES,
     TextShape,
@@ -29,7 +30,7 @@ from declip_hf.convert_open_clip_to_hf import (
     reject_foreign_architecture,
     vision_config,
 )
-from declip_hf.tiny import tiny_clip_tokenizer
+from declip_hf.models.tiny import tiny_clip_tokenizer
 
 TOKENIZER = tiny_clip_tokenizer()
 

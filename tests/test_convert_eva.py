@@ -9,8 +9,8 @@ from PIL import Image
 from transformers import AutoModel, CLIPTextModelWithProjection
 
 from declip_hf import DeCLIPEvaVisionConfig, DeCLIPEvaVisionModel, DeCLIPSegmenter
-from declip_hf.convert_open_clip_to_hf import main
-from declip_hf.tiny import tiny_clip_tokenizer
+from declip_hf.hub.convert_open_clip_to_hf import main
+from declip_hf.models.tiny import tiny_clip_tokenizer
 from tests.test_modeling_eva import block_reference, decoupled_reference, embed_reference, layer_norm, rope_reference
 
 TOKENIZER = tiny_clip_tokenizer()

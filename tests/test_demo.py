@@ -1,5 +1,5 @@
-"""The browser demo (declip_hf.demo): its functions directly, the launched app through gradio_client, and one
-real-browser smoke test in headless Chromium."""
+"""The browser demo (declip_hf.segmentation.demo): its functions directly, the launched app through gradio_client, and
+one real-browser smoke test in headless Chromium."""
 
 import shutil
 import sys
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from declip_hf import demo
 from declip_hf.analysis import final_layer_attention
-from declip_hf.demo import DemoSettings, clicked_patch, point_maps, resolve_map_size, segment_image
-from declip_hf.preprocessing import prepare_dense_inputs
-from declip_hf.segment import palette
-from declip_hf.segmentation import DeCLIPSegmenter
+from declip_hf.models.preprocessing import prepare_dense_inputs
+from declip_hf.segmentation import demo
+from declip_hf.segmentation.demo import DemoSettings, clicked_patch, point_maps, resolve_map_size, segment_image
+from declip_hf.segmentation.segment import palette
+from declip_hf.segmentation.segmenter import DeCLIPSegmenter
 
 # Small enough for milliseconds on the tiny model (patch 4): one 32 px window, an 8 x 8 grid for the point maps.
 SETTINGS = DemoSettings(shorter_side=32, window=32, stride=16, logit_scale=40.0, map_size=32)

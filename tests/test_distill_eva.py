@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPEvaVisionModel, DeCLIPSegmenter
-from declip_hf.tiny import save_tiny_dinov2, save_tiny_eva
+from declip_hf.models.tiny import save_tiny_dinov2, save_tiny_eva
 from tests.conftest import REPO_ROOT
 from tests.test_distill import _assert_one_step_reaches_exactly, _base_argv, _launch, _logs, _run_in_process
 from training import distill

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from declip_hf import model_card
+from declip_hf.hub import model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METHOD = REPO_ROOT / "docs" / "method.md"

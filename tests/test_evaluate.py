@@ -12,15 +12,15 @@ import yaml
 from datasets import Dataset, Features, Image as ImageFeature, List, Value
 from PIL import Image
 
-from declip_hf.benchmarks import SEGMENTATION_BENCHMARKS, SegmentationBenchmark, get_segmentation_benchmark
-from declip_hf.evaluate import ConfusionMatrix, main, prepare_label
-from declip_hf.region_protocols import AreaWeightedRegionProtocol
+from declip_hf.segmentation.benchmarks import SEGMENTATION_BENCHMARKS, SegmentationBenchmark, get_segmentation_benchmark
+from declip_hf.segmentation.evaluate import ConfusionMatrix, main, prepare_label
+from declip_hf.segmentation.region_protocols import AreaWeightedRegionProtocol
 
 
 def panoptic_regions(panoptic, segments, category_to_class, skipped):
     """The "area_weighted" protocol's regions (the only protocol before issue 11)."""
     return AreaWeightedRegionProtocol().regions(panoptic, segments, category_to_class, None, None, skipped)
-from declip_hf.segmentation import DeCLIPSegmenter, split_class_names
+from declip_hf.segmentation.segmenter import DeCLIPSegmenter, split_class_names
 from tests.test_segmentation import expect_cli_error
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def test_region_classification_end_to_end(tmp_path, tiny_clip_dir):
     # Independent computation through the vision model's own region APIs, classes by max over names.
     from collections import Counter
 
-    from declip_hf.evaluate import padded_square_view
+    from declip_hf.segmentation.evaluate import padded_square_view
 
     segmenter = DeCLIPSegmenter.from_pretrained(tiny_clip_dir)
     classes = segmenter.encode_classes([category["name"] for category in REGION_CATEGORIES])
@@ -353,7 +353,7 @@ def test_region_classification_end_to_end(tmp_path, tiny_clip_dir):
 def test_region_view_is_the_training_letterbox(width, height):
     from training.views import letterbox, normalise
 
-    from declip_hf.evaluate import padded_square_view
+    from declip_hf.segmentation.evaluate import padded_square_view
 
     segmenter = DeCLIPSegmenter(None, None, None, image_mean=(0.4, 0.5, 0.6), image_std=(0.2, 0.25, 0.3))
     image = Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8))
@@ -404,7 +404,7 @@ def test_bad_spec_is_refused_before_the_model_loads(tmp_path, change, message, c
     spec = {"name": "toy", "path": "parquet", "data_files": "unused.parquet", "class_names": TOY_CLASSES,
             **TOY_SETTINGS, **change}
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(spec))
-    monkeypatch.setattr("declip_hf.evaluate.load_segmenter", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("declip_hf.segmentation.evaluate.load_segmenter", lambda args: pytest.fail("the model was loaded"))
     line = expect_cli_error(
         main, ["--model", "m", "--benchmarks", str(tmp_path / "toy.yaml"), "--output", str(tmp_path / "r.json")],
         capsys,
@@ -443,12 +443,12 @@ def test_evaluate_cli_conventions(tmp_path, capsys, monkeypatch):
         main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal width
     assert "(default: fp32)" in help_text and "(default: 16)" in help_text
-    assert "python -m declip_hf.evaluate --model PATH_OR_ID" in help_text  # the docstring's layout is kept
+    assert "declip-evaluate --model PATH_OR_ID" in help_text  # the docstring's layout is kept
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", "m", "--output", "r.json", "--max-image", "3"])  # abbreviations are not guessed
     assert exit_info.value.code == 2 and "unrecognized arguments: --max-image" in capsys.readouterr().err
 
-    monkeypatch.setattr("declip_hf.evaluate.load_segmenter", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("declip_hf.segmentation.evaluate.load_segmenter", lambda args: pytest.fail("the model was loaded"))
     refusals = [
         (["--max-images", "0", "--output", str(tmp_path / "r.json")], "--max-images must be a positive integer"),
         (["--output", str(tmp_path)], "is a folder; give the path of the results JSON file"),

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, CLIPVisionModelWithProjection, pipeline
 
 from declip_hf import DeCLIPVisionModel, prepare_dense_inputs
-from declip_hf.tiny import TINY_CLIP_IMAGE_SIZE
+from declip_hf.models.tiny import TINY_CLIP_IMAGE_SIZE
 from training.export import save_model
 
 TRAINING_SIZE = 64  # twice the tiny CLIP's 32 px, as 560 is for a 224 px ViT-B/16 (docs/method.md §3)

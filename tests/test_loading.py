@@ -310,7 +310,7 @@ def test_loads_in_bfloat16(tiny_clip_dir):
 def test_image_normalisation_reads_the_processor_config_or_falls_back(tiny_clip_dir, tiny_dinov2_dir, tmp_path):
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    from declip_hf.loading_utils import image_normalisation
+    from declip_hf.models.loading_utils import image_normalisation
 
     assert image_normalisation(str(tiny_clip_dir)) == (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
     assert image_normalisation(str(tiny_dinov2_dir), (0.0,) * 3, (1.0,) * 3)[0] == tuple(IMAGENET_DEFAULT_MEAN)

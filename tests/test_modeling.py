@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from declip_hf import DECOUPLED_ATTENTION_MODES, TRAINABLE_ATTENTION_MODES, DeCLIPVisionConfig, DeCLIPVisionModel
-from declip_hf.region_pooling import pool_boxes, pool_masks
+from declip_hf.models.region_pooling import pool_boxes, pool_masks
 
 # Odd sizes everywhere (37, 24, 4 heads of 8) so that a swapped axis or head split cannot go unnoticed.
 TINY = dict(

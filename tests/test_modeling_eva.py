@@ -12,7 +12,7 @@ from torchvision.ops import roi_align
 from transformers import AutoConfig, AutoModel
 
 from declip_hf import DeCLIPEvaVisionConfig, DeCLIPEvaVisionModel
-from declip_hf.configuration_declip import DECOUPLED_ATTENTION_MODES
+from declip_hf.models.configuration_declip import DECOUPLED_ATTENTION_MODES
 
 
 HEIGHT, WIDTH = 32, 48  # non-square on purpose: a 4 x 6 grid of 8-px patches
@@ -238,7 +238,7 @@ def test_refuses_a_checkpoint_missing_weights(tmp_path):
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     save_file({name: tensor for name, tensor in state.items() if not name.startswith("head.")}, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="convert_open_clip_to_hf"):
+    with pytest.raises(ValueError, match="declip-convert CKPT --arch"):
         DeCLIPEvaVisionModel.from_pretrained(tmp_path)
 
 

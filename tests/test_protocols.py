@@ -9,11 +9,11 @@ import torch
 from datasets import Dataset, Features, Image as ImageFeature
 from PIL import Image
 
-from declip_hf.benchmarks import SEGMENTATION_BENCHMARKS, get_segmentation_benchmark
-from declip_hf.evaluate import main
-from declip_hf.pamr import PAMR
-from declip_hf.protocols import PROTOCOLS, get_protocol
-from declip_hf.segmentation import DeCLIPSegmenter, _threshold_labels, sliding_windows, split_class_names
+from declip_hf.segmentation.benchmarks import SEGMENTATION_BENCHMARKS, get_segmentation_benchmark
+from declip_hf.segmentation.evaluate import main
+from declip_hf.segmentation.pamr import PAMR
+from declip_hf.segmentation.protocols import PROTOCOLS, get_protocol
+from declip_hf.segmentation.segmenter import DeCLIPSegmenter, _threshold_labels, sliding_windows, split_class_names
 
 BENCHMARKS = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k")
 WHOLE = (2048, 2048)  # whole image: one window as large as the longest resized side can be

@@ -12,16 +12,16 @@ import yaml
 from datasets import Dataset, Features, Image as ImageFeature, List, Value
 from PIL import Image
 
-from declip_hf.benchmarks import (
+from declip_hf.segmentation.benchmarks import (
     COCO_OBJECT_LABEL_MAPS,
     COCO_PANOPTIC_CATEGORIES,
     REGION_BENCHMARKS,
     SegmentationBenchmark,
     get_segmentation_benchmark,
 )
-from declip_hf.evaluate import main, padded_square_view, prepare_label
-from declip_hf.region_protocols import AuthorsRegionProtocol, resize_longest_mask, vild_prompts
-from declip_hf.segmentation import DeCLIPSegmenter
+from declip_hf.segmentation.evaluate import main, padded_square_view, prepare_label
+from declip_hf.segmentation.region_protocols import AuthorsRegionProtocol, resize_longest_mask, vild_prompts
+from declip_hf.segmentation.segmenter import DeCLIPSegmenter
 
 # --------------------------------------------------------------------------------------------------------------------
 # Text side
@@ -244,8 +244,8 @@ def test_coco_object_labels_follow_the_reference_converter():
 
 
 def test_empty_grid_mask_pools_to_zero_and_accuracy_is_half_rounded(tiny_clip_dir):
-    from declip_hf.evaluate import _region_accuracies, classify_regions
-    from declip_hf.region_protocols import AreaWeightedRegionProtocol, ImageRegions
+    from declip_hf.segmentation.evaluate import _region_accuracies, classify_regions
+    from declip_hf.segmentation.region_protocols import AreaWeightedRegionProtocol, ImageRegions
 
     segmenter = DeCLIPSegmenter.from_pretrained(tiny_clip_dir)
     classes = segmenter.encode_classes(["cat", "dog", "sky"])
@@ -253,8 +253,8 @@ def test_empty_grid_mask_pools_to_zero_and_accuracy_is_half_rounded(tiny_clip_di
     masks[1, 2:4, 2:4] = 1  # the first mask vanished on the grid
     regions = ImageRegions(torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.6, 0.6]]), masks, torch.tensor([2, 1]))
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (28, 28, 3), dtype=np.uint8))
-    from declip_hf.evaluate import _pool_masks_allowing_empty, padded_square_view
-    from declip_hf.region_pooling import pool_masks
+    from declip_hf.segmentation.evaluate import _pool_masks_allowing_empty, padded_square_view
+    from declip_hf.models.region_pooling import pool_masks
 
     with torch.no_grad():
         dense = segmenter.vision_model.get_dense_features(padded_square_view(image, 28, segmenter)).dense_embeds

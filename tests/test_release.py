@@ -20,9 +20,8 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
 from declip_hf import DeCLIPVisionConfig, DeCLIPVisionModel
-from declip_hf import release
-from declip_hf.benchmarks import SEGMENTATION_BENCHMARKS
-from declip_hf.model_card import (
+from declip_hf.hub import release
+from declip_hf.hub.model_card import (
     PAPER_SEGMENTATION_AVERAGE_MIOU,
     PAPER_SEGMENTATION_MIOU,
     PROJECT_URL,
@@ -31,6 +30,7 @@ from declip_hf.model_card import (
     region_rows,
     segmentation_rows,
 )
+from declip_hf.segmentation.benchmarks import SEGMENTATION_BENCHMARKS
 from training.export import image_processor_for
 
 REPO_ID = "declip-test/tiny-declip"
@@ -585,12 +585,12 @@ def test_installed_package_builds_the_card_from_its_own_template(tiny_run, tmp_p
     build = [*pip, "wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(wheel_dir)]
     subprocess.run(build, cwd=tmp_path, check=True, capture_output=True)
     (wheel,) = wheel_dir.glob("declip_hf-*.whl")
-    assert "declip_hf/model_cards/declip_vision_model_card.md" in zipfile.ZipFile(wheel).namelist()
+    assert "declip_hf/hub/model_cards/declip_vision_model_card.md" in zipfile.ZipFile(wheel).namelist()
     install = [*pip, "install", "--no-deps", "--target", str(site), str(wheel)]
     subprocess.run(install, cwd=tmp_path, check=True, capture_output=True)
     script = (
         "import declip_hf, sys\n"
-        "from declip_hf.model_card import PACKAGED_TEMPLATE, SOURCE_TEMPLATE, TrainingRun, build_model_card\n"
+        "from declip_hf.hub.model_card import PACKAGED_TEMPLATE, SOURCE_TEMPLATE, TrainingRun, build_model_card\n"
         f"assert declip_hf.__file__.startswith({str(site)!r}), declip_hf.__file__\n"
         "assert PACKAGED_TEMPLATE.is_file() and not SOURCE_TEMPLATE.exists()\n"
         f"card = build_model_card(TrainingRun.from_dir({str(tiny_run)!r}), 'org/name', 'mit')\n"

@@ -1,4 +1,4 @@
-"""`python -m declip_hf.release --analysis-images`: the card shows the proxy-token figure, which is in the folder."""
+"""`declip-release --analysis-images`: the card shows the proxy-token figure, which is in the folder."""
 
 import io
 import shutil
@@ -7,10 +7,11 @@ from contextlib import redirect_stdout
 import pytest
 from PIL import Image, ImageDraw
 
-from declip_hf import DeCLIPVisionModel, release
+from declip_hf import DeCLIPVisionModel
 from declip_hf.analysis import model_proxy_scores
-from declip_hf.loading_utils import image_normalisation
-from declip_hf.preprocessing import prepare_dense_inputs
+from declip_hf.hub import release
+from declip_hf.models.loading_utils import image_normalisation
+from declip_hf.models.preprocessing import prepare_dense_inputs
 from tests.test_release import build_tiny_run
 
 REPO_ID = "declip-test/tiny-analysed"

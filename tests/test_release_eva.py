@@ -10,9 +10,10 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from declip_hf import DeCLIPEvaVisionModel, release
-from declip_hf.model_card import default_license, region_rows
-from declip_hf.tiny import save_tiny_eva
+from declip_hf import DeCLIPEvaVisionModel
+from declip_hf.hub import release
+from declip_hf.hub.model_card import default_license, region_rows
+from declip_hf.models.tiny import save_tiny_eva
 from tests.test_release import RESULTS, build_tiny_run
 from training.export import image_processor_for
 

@@ -12,9 +12,9 @@ from torch import nn
 from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from declip_hf import DeCLIPVisionModel, DeCLIPDenseOutput
-from declip_hf.prompts import OPENAI_IMAGENET_TEMPLATES
-from declip_hf.segment import main as segment_main
-from declip_hf.segmentation import (
+from declip_hf.segmentation.prompts import OPENAI_IMAGENET_TEMPLATES
+from declip_hf.segmentation.segment import main as segment_main
+from declip_hf.segmentation.segmenter import (
     ClassEmbeddings,
     DeCLIPSegmenter,
     patch_padding,
@@ -289,7 +289,7 @@ def test_demo_cli_loads_a_hub_id_with_a_text_encoder_subfolder(tmp_path, tiny_cl
     Image.new("RGB", (20, 16), (10, 200, 30)).save(tmp_path / "in.png")
     out = tmp_path / "overlay.png"
     completed = subprocess.run(
-        [sys.executable, "-m", "declip_hf.segment", str(tmp_path / "in.png"), "--labels", "grass,sky",
+        [sys.executable, "-m", "declip_hf.segmentation.segment", str(tmp_path / "in.png"), "--labels", "grass,sky",
          "--out", str(out),
          "--model", "someone/declip-tiny", "--shorter-side", "16", "--window", "16", "--stride", "8"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
@@ -352,7 +352,7 @@ def test_towers_lacking_weights_are_errors_and_a_full_load_is_quiet(tmp_path, ti
 
 
 def test_text_tower_and_tokenizer_of_another_clip_are_refused(tmp_path, tiny_clip_dir):
-    from declip_hf.tiny import tiny_clip_config, tiny_clip_tokenizer
+    from declip_hf.models.tiny import tiny_clip_config, tiny_clip_tokenizer
 
     other = tmp_path / "other_clip"
     CLIPModel(tiny_clip_config(projection_dim=16)).save_pretrained(other)
@@ -464,7 +464,7 @@ def test_demo_cli_help_shows_defaults_and_refuses_abbreviations_and_a_missing_mo
         segment_main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal width
     assert "(default: 336)" in help_text and "(default: 40.0)" in help_text
-    assert "python -m declip_hf.segment street.jpg" in help_text  # the docstring's layout is kept
+    assert "declip-segment street.jpg" in help_text  # the docstring's layout is kept
     with pytest.raises(SystemExit) as exit_info:
         segment_main(["in.png", "--labels", "a,b", "--model", "m", "--stri", "8"])
     assert exit_info.value.code == 2 and "unrecognized arguments: --stri" in capsys.readouterr().err
@@ -481,7 +481,7 @@ def test_demo_cli_user_errors_are_one_line_before_the_model_loads(tmp_path, tiny
     def no_model_load(args):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr("declip_hf.segment.load_segmenter", no_model_load)
+    monkeypatch.setattr("declip_hf.segmentation.segment.load_segmenter", no_model_load)
     common = ["--model", str(tiny_clip_dir), "--out", str(tmp_path / "out.png")]
     refusals = [
         ([str(tmp_path / "nope.jpg"), "--labels", "a,b"], r"Cannot read the image '.*nope\.jpg': .*No such file"),

@@ -52,8 +52,8 @@ from declip_hf import (
     DeCLIPVisionConfig,
     DeCLIPVisionModel,
 )
-from declip_hf.modeling_declip_eva import declip_vision_class
-from declip_hf.loading_utils import image_normalisation, quiet_transformers
+from declip_hf.models.loading_utils import image_normalisation, quiet_transformers
+from declip_hf.models.modeling_declip_eva import declip_vision_class
 from declip_hf.vfm import vfm_normalisation, vfm_patch_size
 from training.checkpointing import (
     RUN_IDENTITY_KEY,
@@ -912,7 +912,7 @@ def launch_command(accelerator: Accelerator, argv: list[str]) -> str:
 
 def write_training_args(path: Path, args: argparse.Namespace, argv: list[str], accelerator: Accelerator,
                         identity: dict, summary: dict) -> None:
-    """The run's record (read by `declip_hf.release` for the model card); rewritten at the end with the summary."""
+    """The run's record (read by `declip_hf.hub.release` for the model card); rewritten at the end with the summary."""
     versions = {package.__name__: package.__version__ for package in (torch, transformers, accelerate, datasets)}
     versions["declip_hf"] = declip_hf.__version__
     recorded_args = {**vars(args), "mixed_precision": accelerator.mixed_precision}  # effective, not the flag's None

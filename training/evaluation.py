@@ -1,7 +1,7 @@
 """Evaluation while distilling (DeCLIP, CVPR 2025; docs/method.md §6): every `--eval_every` updates the main process
 runs a small held-out evaluation of the student, as the authors' script does each epoch (`--zeroshot-frequency 1`).
 
-The specs are those of `python -m declip_hf.evaluate` (built-in names or YAML files): segmentation benchmarks give
+The specs are those of `declip-evaluate` (built-in names or YAML files): segmentation benchmarks give
 mIoU / aAcc / mAcc, region benchmarks box and mask thing / stuff mAcc, over the first `--eval_max_images` samples.
 The student is evaluated in eval mode, as trained (before `--ensemble_alpha`), with the run's autocast, and the
 text tower of `--eval_text_model` (default: `--student`). Results go to `logs.jsonl` (`"event": "eval"`) and to
@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 
-from declip_hf.benchmarks import get_region_benchmark, get_segmentation_benchmark
-from declip_hf.evaluate import evaluate_regions, evaluate_segmentation, load_split
-from declip_hf.loading_utils import image_normalisation, quiet_transformers
-from declip_hf.segmentation import DeCLIPSegmenter, load_text_tower, text_tower_subfolder
+from declip_hf.models.loading_utils import image_normalisation, quiet_transformers
+from declip_hf.segmentation.benchmarks import get_region_benchmark, get_segmentation_benchmark
+from declip_hf.segmentation.evaluate import evaluate_regions, evaluate_segmentation, load_split
+from declip_hf.segmentation.segmenter import DeCLIPSegmenter, load_text_tower, text_tower_subfolder
 from training.collectives import FailedOnEveryProcess, first_failure
 from training.export import save_model
 
@@ -44,7 +44,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval_every", type=int, help="Evaluate the student every N optimizer updates on the main process "
         "(default: never); see --eval_benchmarks.")
     add("--eval_benchmarks", default="", help="Comma-separated segmentation specs for --eval_every: built-in names "
-        "(voc21, ...) or YAML spec paths, as `python -m declip_hf.evaluate --benchmarks`.")
+        "(voc21, ...) or YAML spec paths, as `declip-evaluate --benchmarks`.")
     add("--eval_region_benchmarks", default="", help="Comma-separated region-classification specs for --eval_every "
         "(coco_panoptic or YAML paths).")
     add("--eval_max_images", type=int, default=100, help="Samples of each eval benchmark used (the first N).")
@@ -96,7 +96,7 @@ def _check_keep_best(metric: str | None, segmentation: list, regions: list) -> N
 
 
 def flat_metrics(segmentation_results: dict, region_results: dict) -> dict[str, float | None]:
-    """{"voc21/mIoU": ..., "coco_panoptic/box/thing_mAcc": ...} from `declip_hf.evaluate`'s result dicts."""
+    """{"voc21/mIoU": ..., "coco_panoptic/box/thing_mAcc": ...} from `declip-evaluate`'s result dicts."""
     metrics = {}
     for name, result in segmentation_results.items():
         metrics.update({f"{name}/{metric}": result[metric] for metric in SEGMENTATION_METRICS})

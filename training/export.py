@@ -10,9 +10,9 @@ import torch
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModelWithProjection, PretrainedConfig
 
 from declip_hf import DeCLIPVisionModel
-from declip_hf.modeling_declip_eva import declip_vision_class
-from declip_hf.preprocessing import TRAINING_SIZE_FIELD
-from declip_hf.segmentation import TEXT_ENCODER_SUBFOLDER
+from declip_hf.models.loading_utils import TEXT_ENCODER_SUBFOLDER
+from declip_hf.models.modeling_declip_eva import declip_vision_class
+from declip_hf.models.preprocessing import TRAINING_SIZE_FIELD
 
 PROCESSOR_NOTE = (
     "This processor resizes the shortest edge to {image_size} and centre-crops to the model's input size "

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from declip_hf.modeling_declip import tokens_to_map
-from declip_hf.region_pooling import pool_boxes
+from declip_hf.models.modeling_declip import tokens_to_map
+from declip_hf.models.region_pooling import pool_boxes
 
 
 def valid_boxes(boxes: torch.Tensor, crop_valid: torch.Tensor) -> list[torch.Tensor]:

@@ -25,8 +25,8 @@ from datasets import Dataset, Features, Image
 from transformers import SamConfig, SamImageProcessor, SamModel, ViTConfig, ViTImageProcessor, ViTModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from declip_hf.loading_utils import quiet_transformers
-from declip_hf.tiny import save_tiny_clip, save_tiny_dinov2, save_tiny_eva
+from declip_hf.models.loading_utils import quiet_transformers
+from declip_hf.models.tiny import save_tiny_clip, save_tiny_dinov2, save_tiny_eva
 
 # The tiny teachers' patch sizes. With the tiny CLIP's patch 4 and a 64 px student view (16 x 16 grid), the DINO
 # view is 32 px and the SAM view 64 px, the same grid; SAM's 8 x 8 position grid (32 px) is then resized to 16 x 16,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from declip_hf.preprocessing import letterbox
+from declip_hf.models.preprocessing import letterbox
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 # §3: images smaller than this on a side are skipped.

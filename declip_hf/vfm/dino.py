@@ -3,7 +3,7 @@ docs/method.md §9)."""
 
 import torch
 
-from ..modeling_declip import tokens_to_map
+from ..models.modeling_declip import tokens_to_map
 
 from .base import VFMAdapter
 

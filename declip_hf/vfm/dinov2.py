@@ -2,7 +2,7 @@
 
 import torch
 
-from ..modeling_declip import tokens_to_map
+from ..models.modeling_declip import tokens_to_map
 
 from .base import VFMAdapter
 

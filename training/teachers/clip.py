@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from declip_hf import DeCLIPEvaVisionConfig, DeCLIPVisionConfig, DeCLIPVisionModel
-from declip_hf.modeling_declip import _merge_heads, _split_heads
-from declip_hf.modeling_declip_eva import apply_rotary
+from declip_hf.models.modeling_declip import _merge_heads, _split_heads
+from declip_hf.models.modeling_declip_eva import apply_rotary
 
 from .base import freeze
 

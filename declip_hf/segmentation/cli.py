@@ -1,4 +1,4 @@
-"""Command-line conventions and options shared by `python -m declip_hf.segment` and `python -m declip_hf.evaluate`.
+"""Command-line conventions and options shared by `declip-segment` and `declip-evaluate`.
 
 Both follow the same rules: `--help` shows every default, flags are never abbreviated (a prefix such as `--stri`
 is refused, not guessed), settings are checked before any model loads, and a user error (a bad flag value, an
@@ -13,8 +13,8 @@ import sys
 import torch
 import yaml
 
-from .configuration_declip import DECOUPLED_ATTENTION_MODES
-from .segmentation import DeCLIPSegmenter
+from ..models.configuration_declip import DECOUPLED_ATTENTION_MODES
+from .segmenter import DeCLIPSegmenter
 
 # What a user can cause: bad values (ValueError), missing or unreadable files, folders and Hub ids (OSError, which
 # transformers, huggingface_hub and datasets raise for them) and malformed YAML specs.

@@ -6,6 +6,9 @@ from transformers.image_processing_base import ImageProcessingMixin
 from transformers.utils import logging as transformers_logging
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+# Where a DeCLIP release keeps its CLIP text tower and tokenizer (the vision model sits at the folder's root).
+TEXT_ENCODER_SUBFOLDER = "text_encoder"
+
 
 @contextlib.contextmanager
 def quiet_transformers():

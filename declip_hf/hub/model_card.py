@@ -1,7 +1,7 @@
 """Model cards for DeCLIP releases (DeCLIP, CVPR 2025, arXiv 2505.04410), built with huggingface_hub's ModelCard.
 
 Everything the card says about training is read from the run's `training_args.json`, and everything about
-evaluation from a `declip_hf.evaluate` results file, so a card cannot drift from the run it describes.
+evaluation from a `declip-evaluate` results file, so a card cannot drift from the run it describes.
 """
 
 import json
@@ -13,18 +13,18 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..models.loading_utils import TEXT_ENCODER_SUBFOLDER
+from ..models.preprocessing import TRAINING_SIZE_FIELD
 from .convert_open_clip_to_hf import OPEN_CLIP_ARCHITECTURES, VisionShape, check_shape, expected_vision_shape
-from .preprocessing import TRAINING_SIZE_FIELD
-from .segmentation import TEXT_ENCODER_SUBFOLDER
 
 # Where the source lives, for the card's install line; the same URL as pyproject.toml's [project.urls] (a test
 # keeps them equal).
 PROJECT_URL = "https://github.com/declip-hf/declip-hf"
 TEMPLATE_NAME = "declip_vision_model_card.md"
 # The template lives in the repository's model_cards/; pyproject.toml ships that folder inside the package as
-# `declip_hf/model_cards/`, so an installed package finds it there and a source checkout here.
-PACKAGED_TEMPLATE = resources.files("declip_hf") / "model_cards" / TEMPLATE_NAME
-SOURCE_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
+# `declip_hf/hub/model_cards/`, so an installed package finds it there and a source checkout here.
+PACKAGED_TEMPLATE = resources.files("declip_hf.hub") / "model_cards" / TEMPLATE_NAME
+SOURCE_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME
 REQUIRED_TAGS = ("custom_code", "declip", "clip", "open-vocabulary", "dense-prediction")
 PIPELINE_TAG = "image-feature-extraction"
 
@@ -51,7 +51,8 @@ EVA02_B16_SHAPE = {"hidden_size": 768, "num_hidden_layers": 12, "patch_size": 16
 EVA_MODEL_TYPE = "declip_eva_vision_model"
 
 # Paper (docs/method.md §7): training-free segmentation mIoU of DeCLIP ViT-B/16 (EVA02-CLIP start),
-# keyed by the built-in benchmark names of `declip_hf.benchmarks.SEGMENTATION_BENCHMARKS`, in the paper's column order.
+# keyed by the built-in benchmark names of `declip_hf.segmentation.benchmarks.SEGMENTATION_BENCHMARKS`, in the paper's
+# column order.
 PAPER_SEGMENTATION_MIOU = {
     "voc21": 59.7,
     "context60": 35.3,
@@ -76,7 +77,8 @@ class RegionReference:
     box_thing_mAcc: float
     box_stuff_mAcc: float
 
-    protocol: str = "authors"  # the region protocol of declip_hf.region_protocols the paper's numbers follow
+    # The region protocol of declip_hf.segmentation.region_protocols the paper's numbers follow.
+    protocol: str = "authors"
 
     def applies_to(self, benchmark: str, base_model: str | None, settings: dict) -> bool:
         found = (benchmark, base_model, settings.get("image_size"), settings.get("protocol"))
@@ -139,21 +141,21 @@ def default_license(base_model: str | None) -> str | None:
 
 
 def load_results(path: str | Path | None) -> dict | None:
-    """A `declip_hf.evaluate` results file (None for none); errors name the file and what it should be."""
+    """A `declip-evaluate` results file (None for none); errors name the file and what it should be."""
     if path is None:
         return None
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"results file {path} does not exist (pass the JSON `declip_hf.evaluate` wrote).")
+        raise FileNotFoundError(f"results file {path} does not exist (pass the JSON `declip-evaluate` wrote).")
     try:
         results = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(
-            f"results file {path} is not JSON ({error}); pass the file `declip_hf.evaluate` wrote."
+            f"results file {path} is not JSON ({error}); pass the file `declip-evaluate` wrote."
         ) from error
     if not isinstance(results, dict):
         raise ValueError(
-            f"results file {path} holds a JSON {type(results).__name__}, not the object `declip_hf.evaluate` writes."
+            f"results file {path} holds a JSON {type(results).__name__}, not the object `declip-evaluate` writes."
         )
     return results
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from .region_protocols import DEFAULT_REGION_PROTOCOL, check_region_categories
-from .segmentation import check_inference_settings, split_class_names
+from .segmenter import check_inference_settings, split_class_names
 
 IGNORE_INDEX = 255
 
@@ -228,8 +228,8 @@ class SegmentationBenchmark(_YamlSpec):
             share of the non-background pixels of an image is removed before the argmax. `None`: off.
         pamr_steps (`int`, *optional*, defaults to 0): Iterations of NACLIP's PAMR refinement of the similarity
             maps (dilations 8 and 16); 0: off.
-        protocol (`str`, *optional*, defaults to `"custom"`): The `declip_hf.protocols` preset whose settings the
-            spec holds (set by `SegmentationProtocol.apply`); recorded with the results.
+        protocol (`str`, *optional*, defaults to `"custom"`): The `declip_hf.segmentation.protocols` preset whose
+            settings the spec holds (set by `SegmentationProtocol.apply`); recorded with the results.
     """
 
     name: str
@@ -300,8 +300,8 @@ class RegionBenchmark(_YamlSpec):
             a square, as in the student view of training (docs/method.md §3 and §7: 560 px for ViT-B/16).
         protocol (`str`, *optional*, defaults to `"authors"`): `"authors"`, the DeCLIP authors' protocol (ViLD
             prompts on the raw names, masks binarised on the feature grid, box-size filter, crowd kept), or
-            `"area_weighted"` (see `declip_hf.region_protocols`). Categories may carry `"synonyms"` ("a; b"), which
-            only `"area_weighted"` uses.
+            `"area_weighted"` (see `declip_hf.segmentation.region_protocols`). Categories may carry `"synonyms"`
+            ("a; b"), which only `"area_weighted"` uses.
     """
 
     name: str
@@ -368,7 +368,8 @@ SEGMENTATION_BENCHMARKS = {
     ),
 }
 
-# The built-in specs hold DeCLIP's settings, i.e. the "declip" preset of declip_hf.protocols (tests check they agree).
+# The built-in specs hold DeCLIP's settings, i.e. the "declip" preset of declip_hf.segmentation.protocols (tests check
+# they agree).
 SEGMENTATION_BENCHMARKS = {name: replace(spec, protocol="declip") for name, spec in SEGMENTATION_BENCHMARKS.items()}
 
 REGION_BENCHMARKS = {

@@ -75,7 +75,7 @@ def save_tiny_eva(path: str | Path, seed: int = 0) -> Path:
     authors' checkpoint."""
     from .configuration_declip_eva import DeCLIPEvaVisionConfig
     from .modeling_declip_eva import DeCLIPEvaVisionModel
-    from .segmentation import TEXT_ENCODER_SUBFOLDER
+    from .loading_utils import TEXT_ENCODER_SUBFOLDER
 
     path = Path(path)
     torch.manual_seed(seed)

@@ -4,7 +4,7 @@ DeCLIP, SCLIP, NACLIP, ClearCLIP and ProxyCLIP evaluate the same 8 benchmarks wi
 different test resizes, sliding windows, logit scales and background thresholds (and SCLIP an area threshold on
 VOC21, ClearCLIP and ProxyCLIP plainer class names). A `SegmentationProtocol` holds one project's settings for
 every built-in benchmark, read from that project's own configs and segmentor code, so that
-`python -m declip_hf.evaluate --protocol NAME` gives numbers comparable with that project's published table. A
+`declip-evaluate --protocol NAME` gives numbers comparable with that project's published table. A
 protocol applies to the built-in benchmarks only; a YAML spec keeps its own settings.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from .benchmarks import SegmentationBenchmark
 
-PAMR_STEPS = 10  # NACLIP's PAMR: 10 iterations at dilations (8, 16) (see declip_hf/pamr.py)
+PAMR_STEPS = 10  # NACLIP's PAMR: 10 iterations at dilations (8, 16) (see declip_hf/segmentation/pamr.py)
 
 
 @dataclass(frozen=True)

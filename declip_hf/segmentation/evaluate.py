@@ -1,7 +1,7 @@
 """Evaluate a DeCLIP (or CLIP) checkpoint: training-free segmentation mIoU on the 8 benchmarks of DeCLIP (CVPR 2025,
 docs/method.md §6) and region classification (box and mask) on COCO-panoptic-style data.
 
-    python -m declip_hf.evaluate --model PATH_OR_ID --benchmarks voc21,context60 --output results.json
+    declip-evaluate --model PATH_OR_ID --benchmarks voc21,context60 --output results.json
 
 `--protocol declip|sclip|naclip|clearclip|proxyclip` gives the built-in benchmarks one project's published settings
 (docs/method.md §6.7; `--pamr` adds NACLIP's refinement); region classification follows the DeCLIP authors' protocol
@@ -22,6 +22,7 @@ problems are found before the model loads, and a checkpoint lacking weights (or 
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import io
 import json
 import logging
@@ -39,6 +40,8 @@ from datasets import load_dataset
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..models.preprocessing import letterbox
+from ..models.region_pooling import pool_boxes, pool_masks
 from .benchmarks import (
     REGION_BENCHMARKS,
     SEGMENTATION_BENCHMARKS,
@@ -47,15 +50,15 @@ from .benchmarks import (
     get_region_benchmark,
     get_segmentation_benchmark,
 )
-from .pamr import PAMR
-from .preprocessing import letterbox
-from .protocols import DEFAULT_PROTOCOL, PAMR_STEPS, PROTOCOLS, get_protocol
-from .region_pooling import pool_boxes, pool_masks
-from .region_protocols import ImageRegions, get_region_protocol
 from .cli import add_model_arguments, check_model_arguments, exits_on_user_error, load_segmenter, make_parser
-from .segmentation import ClassEmbeddings, DeCLIPSegmenter, image_to_tensor, require_finite, split_class_names
+from .pamr import PAMR
+from .protocols import DEFAULT_PROTOCOL, PAMR_STEPS, PROTOCOLS, get_protocol
+from .region_protocols import ImageRegions, get_region_protocol
+from .segmenter import ClassEmbeddings, DeCLIPSegmenter, image_to_tensor, require_finite, split_class_names
 
 logger = logging.getLogger(__name__)
+
+DISTRIBUTION = "declip-hf"  # the name pip knows the package by
 
 
 PRECISIONS = {
@@ -326,7 +329,7 @@ def _mean_over_present(per_class: torch.Tensor, total: torch.Tensor, selected: t
 
 def evaluate_regions(segmenter: DeCLIPSegmenter, spec: RegionBenchmark, max_images=None) -> dict:
     """Top-1 mean class accuracy of box (RoIAlign) and mask-pooled features, for things and stuff separately, under
-    the spec's region protocol (`declip_hf.region_protocols`)."""
+    the spec's region protocol (`declip_hf.segmentation.region_protocols`)."""
     protocol = get_region_protocol(spec.protocol)
     dataset = load_split(
         spec.path, spec.config_name, spec.split, spec.data_files,
@@ -426,10 +429,18 @@ def collect_versions() -> dict:
     import datasets
     import transformers
 
-    from . import __version__
+    return {"declip_hf": installed_version(DISTRIBUTION), "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__,
+            "python": platform.python_version()}
 
-    return {"declip_hf": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "datasets": datasets.__version__, "python": platform.python_version()}
+
+def installed_version(distribution: str) -> str | None:
+    """The installed distribution's version (read from its metadata, so this subpackage never imports the package
+    root); None for a source checkout that was never installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _specs(names: str, resolve) -> list:

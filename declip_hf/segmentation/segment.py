@@ -1,6 +1,6 @@
 """Demo: segment one image into the given words with DeCLIP and save a colour overlay with a legend.
 
-    python -m declip_hf.segment street.jpg --labels "road,car;vehicle,person,sky" --out overlay.png --model PATH_OR_ID
+    declip-segment street.jpg --labels "road,car;vehicle,person,sky" --out overlay.png --model PATH_OR_ID
 
 --model is any compatible checkpoint: a DeCLIP model you trained or released (local folder or Hub id), or a plain
 CLIP such as openai/clip-vit-base-patch16 for the baseline. The image, labels, settings and output path are
@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .cli import add_model_arguments, check_model_arguments, exits_on_user_error, flag, load_segmenter, make_parser
-from .segmentation import check_inference_settings, split_class_names
+from .segmenter import check_inference_settings, split_class_names
 
 # Distinct, saturated colours for the first classes (Tableau 10), then evenly spaced hues.
 _BASE_PALETTE = (

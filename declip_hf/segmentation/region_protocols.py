@@ -11,7 +11,7 @@ all category embeddings; top-1 accuracy is averaged over classes, for things and
   (area-weighted) masks, crowd segments dropped, every box one pixel past the segment's last row and column.
 
 A protocol decides the text side (`class_embeddings`), which segments become regions and how (`regions`), and how a
-per-class accuracy is rounded (`round_accuracy`); `declip_hf.evaluate` runs the loop.
+per-class accuracy is rounded (`round_accuracy`); `declip_hf.segmentation.evaluate` runs the loop.
 """
 
 from collections import Counter
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .segmentation import ClassEmbeddings, split_class_names
+from .segmenter import ClassEmbeddings, split_class_names
 
 # The 63 prompt templates of ViLD (Gu et al. 2022) as the authors' `tools/generate_text_embeddings.py` lists them
 # (`multiple_templates`), in their order. `{article}` is "a" or "an", chosen from the category name.

@@ -3,7 +3,7 @@
 Their `.pt` files hold `{"state_dict": ...}` of their EVA-CLIP (`module.` prefixes from DDP possible): the vision tower
 under `visual.` in EVA-CLIP's own layout (`blocks.N.attn.q_proj` + `q_bias`, `inner_attn_ln`, `mlp.w1/w2/ffn_ln/w3`,
 `norm`, `head`, and the rotary tables `rope.freqs_*` as buffers), and the text tower under `text.`, an OpenAI-style
-CLIP text transformer with plain GELU. Used through `python -m declip_hf.convert_open_clip_to_hf CKPT --arch
+CLIP text transformer with plain GELU. Used through `declip-convert CKPT --arch
 EVA02-CLIP-B-16 --out DIR`; the sizes come from the tensors, so smaller checkpoints of the family convert too.
 """
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .configuration_declip_eva import DeCLIPEvaVisionConfig
-from .modeling_declip_eva import DeCLIPEvaVisionModel, rotary_tables
+from ..models.configuration_declip_eva import DeCLIPEvaVisionConfig
+from ..models.modeling_declip_eva import DeCLIPEvaVisionModel, rotary_tables
 
 # The authors' open_clip configs (src/open_clip/eva_clip/model_configs/EVA02-CLIP-*.json): the family's fixed facts.
 # Sizes are read from the tensors; these say how to interpret them.

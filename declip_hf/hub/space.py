@@ -1,5 +1,5 @@
-"""Assemble and validate a Hugging Face Space that serves `declip_hf.demo` for a released DeCLIP model (DeCLIP,
-CVPR 2025, arXiv 2505.04410); `python -m declip_hf.release RUN_DIR --repo-id ORG/NAME --space DIR` calls it.
+"""Assemble and validate a Hugging Face Space that serves `declip_hf.segmentation.demo` for a released DeCLIP model
+(DeCLIP, CVPR 2025, arXiv 2505.04410); `declip-release RUN_DIR --repo-id ORG/NAME --space DIR` calls it.
 
 The Space folder holds `app.py` (builds the demo's Gradio page for the released model), `requirements.txt` (the
 package's own requirements; Gradio itself comes from the card's `sdk_version`), a copy of the `declip_hf` package
@@ -20,21 +20,21 @@ from pathlib import Path
 from huggingface_hub import SpaceCard, SpaceCardData
 from packaging.requirements import InvalidRequirement, Requirement
 
-from .release import PACKAGE_ROOT, Check, ValidationReport, build_offline_hub_cache, prepare_out_dir
+from .validation import PACKAGE_ROOT, Check, ValidationReport, build_offline_hub_cache, prepare_out_dir
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # declip_hf/, copied whole into the Space
 APP_FILE = "app.py"
 DISTRIBUTION = "declip-hf"
 SPACE_CHECK_TIMEOUT_S = 600
 SPACE_APP_VERIFIED = "declip-space: app built and segmented offline"
 
 SPACE_APP = '''"""DeCLIP demo for {repo_id}: segment an image into your words, click a point to see its context
-correlation and final-layer attention. Assembled by `python -m declip_hf.release --space`."""
+correlation and final-layer attention. Assembled by `declip-release --space`."""
 
 import torch
 
-from declip_hf.demo import DemoSettings, build_demo, resolve_map_size
-from declip_hf.segmentation import DeCLIPSegmenter
+from declip_hf.segmentation.demo import DemoSettings, build_demo, resolve_map_size
+from declip_hf.segmentation.segmenter import DeCLIPSegmenter
 
 MODEL = {repo_id!r}
 
@@ -51,7 +51,7 @@ SPACE_BODY = """
 
 Interactive demo of [{repo_id}](https://huggingface.co/{repo_id}), a DeCLIP model (CVPR 2025, arXiv 2505.04410):
 upload an image and type class names to get a segmentation overlay; click a point to see its context correlation
-map and its final-layer attention. Runs `declip_hf.demo` from the copy of the package in this Space.
+map and its final-layer attention. Runs `declip_hf.segmentation.demo` from the copy of the package in this Space.
 """
 
 # Run from the Space folder alone (`python -c`, so the folder is first on sys.path and its declip_hf copy wins).
@@ -61,7 +61,7 @@ import gradio
 import declip_hf
 assert pathlib.Path(declip_hf.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve()), declip_hf.__file__
 import app
-from declip_hf.demo import point_maps, segment_image
+from declip_hf.segmentation.demo import point_maps, segment_image
 from PIL import Image
 assert isinstance(app.demo, gradio.Blocks), type(app.demo)
 image = Image.new("RGB", (48, 40), (90, 160, 60))

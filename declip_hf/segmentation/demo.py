@@ -2,13 +2,13 @@
 the model relates it to the rest of the image (DeCLIP, CVPR 2025, arXiv 2505.04410).
 
     pip install "declip-hf[demo]"
-    python -m declip_hf.demo --model PATH_OR_ID [--host 127.0.0.1] [--port 7860]
+    declip-demo --model PATH_OR_ID [--host 127.0.0.1] [--port 7860]
 
 Upload an image and type class names (comma-separated, synonyms of one class separated by ";"): the page shows
 the segmentation overlay with a legend. Click a point on the input image: the page shows that patch's context
 correlation map (the cosine similarity of its context feature with every other patch's, the quantity DeCLIP's
 context loss aligns with a VFM, docs/method.md §4.2) and its final-layer attention in the model's decoupled mode
-(docs/method.md §1.2). --model is any compatible checkpoint, as for `python -m declip_hf.segment`.
+(docs/method.md §1.2). --model is any compatible checkpoint, as for `declip-segment`.
 """
 
 import argparse
@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from transformers.image_processing_base import ImageProcessingMixin
 
-from .analysis import context_correlation, final_layer_attention, grid_size, point_to_patch_index
+from ..analysis import context_correlation, final_layer_attention, grid_size, point_to_patch_index
+from ..models.preprocessing import TRAINING_SIZE_FIELD, prepare_dense_inputs
 from .cli import add_model_arguments, check_model_arguments, exits_on_user_error, flag, load_segmenter, make_parser
-from .preprocessing import TRAINING_SIZE_FIELD, prepare_dense_inputs
 from .segment import legend_overlay
-from .segmentation import DeCLIPSegmenter, check_inference_settings
+from .segmenter import DeCLIPSegmenter, check_inference_settings
 
 DEFAULT_MAP_SIZE = 448
 # Five stops of matplotlib's viridis: dark blue (low) -> yellow (high); readable over any photo and for colour-blind

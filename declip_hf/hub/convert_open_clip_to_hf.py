@@ -5,7 +5,7 @@ DeCLIP's reference recipe (CVPR 2025, arXiv 2505.04410) trains with open_clip, s
 it starts from are open_clip state dicts. This maps such a state dict onto [`DeCLIPVisionModel`] (and, with
 `--with-text`, onto `CLIPTextModelWithProjection`), then writes a folder that loads with `from_pretrained`:
 
-    python -m declip_hf.convert_open_clip_to_hf CHECKPOINT.pt --arch ViT-B-16-quickgelu --out DIR \
+    declip-convert CHECKPOINT.pt --arch ViT-B-16-quickgelu --out DIR \
         [--with-text [--tokenizer LOCAL_CLIP_TOKENIZER_DIR]] [--decoupled-attention qq]
 
 With `--with-text` and no `--tokenizer`, the text tower gets OpenAI CLIP's BPE tokenizer, built from the vocabulary
@@ -36,7 +36,9 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from .configuration_declip import DECOUPLED_ATTENTION_MODES, DeCLIPVisionConfig
+from ..models.configuration_declip import DECOUPLED_ATTENTION_MODES, DeCLIPVisionConfig
+from ..models.loading_utils import TEXT_ENCODER_SUBFOLDER
+from ..models.modeling_declip import DeCLIPVisionModel
 from .convert_eva_clip import (
     EVA02_ARCHITECTURES,
     convert_eva_vision,
@@ -44,8 +46,6 @@ from .convert_eva_clip import (
     is_eva02_architecture,
     square_patch_grid,
 )
-from .modeling_declip import DeCLIPVisionModel
-from .segmentation import TEXT_ENCODER_SUBFOLDER
 
 # open_clip model configs (open_clip/model_configs/*.json) of the OpenAI-architecture ViTs, with their defaults
 # (head_width 64, mlp_ratio 4) spelled out. `quick_gelu` is present only where the name states it.

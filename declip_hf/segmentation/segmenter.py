@@ -20,12 +20,11 @@ from transformers import AutoTokenizer, CLIPTextModelWithProjection, PretrainedC
 from transformers.utils import ModelOutput
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from .loading_utils import image_normalisation, quiet_transformers
-from .modeling_declip import DeCLIPVisionModel
-from .modeling_declip_eva import declip_vision_class
+from ..models.loading_utils import TEXT_ENCODER_SUBFOLDER, image_normalisation, quiet_transformers
+from ..models.modeling_declip import DeCLIPVisionModel
+from ..models.modeling_declip_eva import declip_vision_class
 from .prompts import OPENAI_IMAGENET_TEMPLATES
 
-TEXT_ENCODER_SUBFOLDER = "text_encoder"
 # Hub download options that also apply to the text tower, tokenizer and image-processor config.
 _HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 
@@ -437,7 +436,7 @@ class DeCLIPSegmenter(nn.Module):
 
     ```python
     >>> from PIL import Image
-    >>> from declip_hf.segmentation import DeCLIPSegmenter
+    >>> from declip_hf import DeCLIPSegmenter
 
     >>> segmenter = DeCLIPSegmenter.from_pretrained("openai/clip-vit-base-patch16").to("cuda")
     >>> output = segmenter([Image.open("street.jpg")], ["road", "car; vehicle", "person", "sky"])
@@ -563,8 +562,8 @@ class DeCLIPSegmenter(nn.Module):
             area_threshold: SCLIP's `area_thd` (with a background class): before the argmax, every non-background
                 class predicted on at most this share of the image's non-background pixels is removed.
             refine: optional `refine(image, similarities)` applied to the similarity maps at the original size
-                before the logit scale, e.g. `declip_hf.pamr.PAMR()`; gets the normalised resized image brought
-                back to the original size (1, 3, H, W) and the maps (1, num_names, H, W), as NACLIP and SCLIP do.
+                before the logit scale, e.g. `declip_hf.segmentation.pamr.PAMR()`; gets the normalised resized image
+                brought back to the original size (1, 3, H, W) and the maps (1, num_names, H, W), as NACLIP and SCLIP do.
 
         Raises:
             ValueError: for any setting or input above that cannot give a meaningful map, and when a score turns

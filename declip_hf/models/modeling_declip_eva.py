@@ -202,7 +202,7 @@ class DeCLIPEvaVisionModel(DenseFeaturesMixin, PreTrainedModel):
     CLS token), `get_image_features` projects it with `head`, and `get_dense_features`, `get_region_features` and
     `get_mask_features` read the last block in the mode of `config.decoupled_attention`. Unlike the OpenAI-CLIP path,
     regions and masks are pooled from the raw dense map and normalised afterwards, as the authors' EVA code does.
-    Converted from the authors' checkpoints with `python -m declip_hf.convert_open_clip_to_hf CKPT --arch
+    Converted from the authors' checkpoints with `declip-convert CKPT --arch
     EVA02-CLIP-B-16 --out DIR`.
     """
 
@@ -324,7 +324,7 @@ class DeCLIPEvaVisionModel(DenseFeaturesMixin, PreTrainedModel):
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         return (
             f"{source} lacks {len(missing)} of the DeCLIP EVA02 vision model's weights ({shown}); they would be random. "
-            "Convert the authors' EVA02-CLIP checkpoint with `python -m declip_hf.convert_open_clip_to_hf CKPT --arch "
+            "Convert the authors' EVA02-CLIP checkpoint with `declip-convert CKPT --arch "
             "EVA02-CLIP-B-16 --out DIR` and load DIR."
         )
 

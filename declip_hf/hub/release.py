@@ -1,6 +1,6 @@
 """Assemble, validate and push a DeCLIP release (DeCLIP, CVPR 2025, arXiv 2505.04410) to the Hugging Face Hub.
 
-    python -m declip_hf.release RUN_DIR --repo-id org/name [--results results.json] [--out DIR] [--push] [--private]
+    declip-release RUN_DIR --repo-id org/name [--results results.json] [--out DIR] [--push] [--private]
         [--analysis-images IMAGES...]
 
 The folder it assembles is what gets uploaded: safetensors weights, config with `auto_map`, the model code for
@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +26,10 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-from .analyze import release_analysis
+from ..analyze import release_analysis
+from ..models.loading_utils import TEXT_ENCODER_SUBFOLDER
+from ..models.modeling_declip_eva import declip_vision_class
+from ..models.preprocessing import TRAINING_SIZE_FIELD
 from .model_card import (
     PIPELINE_TAG,
     PROJECT_URL,
@@ -38,11 +40,8 @@ from .model_card import (
     hub_id_or_none,
     load_results,
 )
-from .modeling_declip_eva import declip_vision_class
-from .preprocessing import TRAINING_SIZE_FIELD
-from .segmentation import TEXT_ENCODER_SUBFOLDER
+from .validation import PACKAGE_ROOT, Check, ValidationReport, build_offline_hub_cache, prepare_out_dir
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 SUBPROCESS_TIMEOUT_S = 900
 
@@ -79,44 +78,9 @@ del _model, _info, _problems, _pixel_values
 """
 
 
-@dataclass
-class Check:
-    name: str
-    passed: bool
-    detail: str = ""
-
-
-@dataclass
-class ValidationReport:
-    checks: list[Check]
-
-    @property
-    def passed(self) -> bool:
-        return all(check.passed for check in self.checks)
-
-    def __str__(self) -> str:
-        return "\n".join(
-            f"[{'ok' if check.passed else 'FAILED'}] {check.name}" + (f": {check.detail}" if check.detail else "")
-            for check in self.checks
-        )
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Assembling
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def prepare_out_dir(out: Path, run_dir: Path, replace: bool) -> Path:
-    """An empty folder to assemble into; an existing non-empty one is replaced only when `replace` is set."""
-    out, run_dir = out.resolve(), run_dir.resolve()
-    if run_dir.is_relative_to(out) or out.is_relative_to(run_dir / "model"):
-        raise ValueError(f"--out {out} overlaps the run's own files; choose a separate folder.")
-    if out.exists() and any(out.iterdir()):
-        if not replace:
-            raise ValueError(f"{out} is not empty; pass --overwrite to replace it.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def assemble_release(model_dir: Path, out: Path, card: ModelCard) -> list[str]:
@@ -133,16 +97,6 @@ def assemble_release(model_dir: Path, out: Path, card: ModelCard) -> list[str]:
         shutil.copy2(source, out / relative)
     card.save(out / "README.md")
     return left_out
-
-
-def build_offline_hub_cache(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0" * 40) -> dict[str, str]:
-    """Lay `folder` out as the Hub cache snapshot of model `repo_id` (`models--org--name/{refs/main,
-    snapshots/<commit>}`) and return an environment in which `from_pretrained(repo_id)` resolves it offline."""
-    repo_cache = cache_dir / f"models--{repo_id.replace('/', '--')}"
-    (repo_cache / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_cache / "refs" / "main").write_text(commit)
-    shutil.copytree(folder, repo_cache / "snapshots" / commit, dirs_exist_ok=True)
-    return {**os.environ, "HF_HUB_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def extract_snippets(card_text: str) -> dict[str, list[str]]:
@@ -416,7 +370,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--results",
         type=Path,
         default=None,
-        help="declip_hf.evaluate results JSON; when not given, RUN_DIR/eval_results.json if that file exists.",
+        help="declip-evaluate results JSON; when not given, RUN_DIR/eval_results.json if that file exists.",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="Folder to assemble the release in; when not given, RUN_DIR/release."
@@ -463,7 +417,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=None,
         help="Image files or folders: the card then shows the proxy-token scores per layer of the released model "
-        "and of --analysis-compare on them (python -m declip_hf.analyze; needs matplotlib, the [viz] extra).",
+        "and of --analysis-compare on them (declip-analyze; needs matplotlib, the [viz] extra).",
     )
     parser.add_argument(
         "--analysis-compare",
@@ -512,7 +466,7 @@ def _read_inputs(args) -> tuple[TrainingRun, dict | None, ModelCard, Path]:
     return run, results, card, out
 
 
-# The Space (declip_hf.space) builds on this module's checks and needs Gradio: imported only when --space is given.
+# The Space (declip_hf.hub.space) needs Gradio: imported only when --space is given.
 
 
 def _prepare_space(args, model_folder: Path) -> Path | None:
