@@ -3,7 +3,7 @@
 from transformers import PretrainedConfig
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..loading_utils import image_normalisation
+from ..models.loading_utils import image_normalisation
 from .base import VFMAdapter
 from .dino import DinoAdapter
 from .dinov2 import Dinov2Adapter
