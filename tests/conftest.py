@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from declip_hf.hub.validation import build_offline_hub_cache
-from declip_hf.models.tiny import save_tiny_clip, save_tiny_dinov2
+from declip_hf.models.tiny import save_tiny_clip, save_tiny_dinov2, save_tiny_eva
+from training.tiny_assets import save_tiny_dino, save_tiny_sam
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,22 @@ def tiny_dinov2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dinov2_registers_dir(tmp_path_factory) -> Path:
     return save_tiny_dinov2(tmp_path_factory.mktemp("tiny_dinov2_reg"), num_register_tokens=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_eva_dir(tmp_path_factory) -> Path:
+    """A random EVA02 DeCLIP student (the authors' released architecture)."""
+    return save_tiny_eva(tmp_path_factory.mktemp("tiny_eva"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_dir(tmp_path_factory) -> Path:
+    return save_tiny_dino(tmp_path_factory.mktemp("tiny_dino"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_dir(tmp_path_factory) -> Path:
+    return save_tiny_sam(tmp_path_factory.mktemp("tiny_sam"))
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ from declip_hf.analysis import (
 from declip_hf.analyze import main as analyze_main
 from declip_hf.models.configuration_declip import DECOUPLED_ATTENTION_MODES
 from declip_hf.models.preprocessing import prepare_dense_inputs
-from declip_hf.models.tiny import save_tiny_eva
 from declip_hf.segmentation import DeCLIPSegmenter
 from declip_hf.segmentation.demo import DemoSettings, point_maps
 from tests.test_modeling_eva import heads, layer_norm, merge, pixels, qkv, rope_reference, tiny_eva_model
@@ -35,11 +34,6 @@ GRID = (4, 6)  # tests.test_modeling_eva's 32 x 48 input on 8-px patches: not sq
 @pytest.fixture(scope="module")
 def eva_model():
     return tiny_eva_model()  # q/v biases and norms perturbed, so a dropped bias or sub-LN shows
-
-
-@pytest.fixture(scope="module")
-def tiny_eva_dir(tmp_path_factory):
-    return save_tiny_eva(tmp_path_factory.mktemp("tiny_eva"))
 
 
 def block_inputs(model, pixel_values):

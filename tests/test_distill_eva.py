@@ -7,18 +7,13 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPEvaVisionModel, DeCLIPSegmenter
-from declip_hf.models.tiny import save_tiny_dinov2, save_tiny_eva
+from declip_hf.models.tiny import save_tiny_dinov2
 from tests.conftest import REPO_ROOT
 from tests.test_distill import _assert_one_step_reaches_exactly, _base_argv, _launch, _logs, _run_in_process
 from training import distill
 from training.optim import configure_trainable
 from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM
 from training.tiny_assets import make_tiny_assets
-
-
-@pytest.fixture(scope="module")
-def tiny_eva_dir(tmp_path_factory):
-    return save_tiny_eva(tmp_path_factory.mktemp("tiny_eva"))
 
 
 def _expected_frozen(name: str, mode: str) -> bool:

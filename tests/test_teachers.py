@@ -21,24 +21,8 @@ from training.teachers import (
     check_vfm_config,
     vfm_patch_size,
 )
-from training.tiny_assets import (
-    TINY_DINO_PATCH_SIZE,
-    TINY_SAM_PATCH_SIZE,
-    save_tiny_dino,
-    save_tiny_eva,
-    save_tiny_sam,
-)
+from training.tiny_assets import TINY_DINO_PATCH_SIZE, TINY_SAM_PATCH_SIZE
 from training.views import ViewConfig, VFMView, make_views
-
-
-@pytest.fixture(scope="module")
-def tiny_dino_dir(tmp_path_factory):
-    return save_tiny_dino(tmp_path_factory.mktemp("tiny_dino"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sam_dir(tmp_path_factory):
-    return save_tiny_sam(tmp_path_factory.mktemp("tiny_sam"))
 
 
 # ---------------------------------------------------------------------------------------------------------- registry
@@ -214,19 +198,14 @@ def test_context_teachers_read_their_own_views(tiny_dino_dir, tiny_sam_dir):
 
 
 # ------------------------------------------------------------------------------------------------- content teacher
-@pytest.fixture(scope="module")
-def tiny_eva_teacher_dir(tmp_path_factory):
-    return save_tiny_eva(tmp_path_factory.mktemp("tiny_eva_teacher"))
-
-
 @pytest.mark.parametrize("family", ["clip", "eva02"])
 @pytest.mark.parametrize("side", [32, 48])  # the checkpoint's own size, and crops that resize the position embedding
 def test_content_teacher_runs_the_last_layer_for_cls_only_with_the_models_own_embedding(
-        family, side, tiny_clip_dir, tiny_eva_teacher_dir):
+        family, side, tiny_clip_dir, tiny_eva_dir):
     """The teacher's shortcut (last layer for the CLS query only) gives `get_image_features`' embedding, and the
     last layer's MLP really sees one token per crop."""
     model_class, folder = {"clip": (DeCLIPVisionModel, tiny_clip_dir),
-                           "eva02": (DeCLIPEvaVisionModel, tiny_eva_teacher_dir)}[family]
+                           "eva02": (DeCLIPEvaVisionModel, tiny_eva_dir)}[family]
     crops = torch.randn(5, 3, side, side, generator=torch.Generator().manual_seed(side))
     reference_model = model_class.from_pretrained(folder).eval()
     extra = {"interpolate_pos_encoding": True} if family == "clip" else {}

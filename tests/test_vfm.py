@@ -14,7 +14,6 @@ from declip_hf.analysis import VFMPatchFeatures, correlation_map, vfm_correlatio
 from declip_hf.analyze import main as analyze_main
 from declip_hf.vfm import VFM_ADAPTERS, DinoAdapter, Dinov2Adapter, SamAdapter
 from training.teachers import FrozenVFM
-from training.tiny_assets import save_tiny_dino, save_tiny_sam
 
 FAMILIES = {  # fixture name -> the adapter that must read it
     "tiny_dinov2_dir": Dinov2Adapter,
@@ -22,16 +21,6 @@ FAMILIES = {  # fixture name -> the adapter that must read it
     "tiny_dino_dir": DinoAdapter,
     "tiny_sam_dir": SamAdapter,
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_dino_dir(tmp_path_factory):
-    return save_tiny_dino(tmp_path_factory.mktemp("tiny_dino"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sam_dir(tmp_path_factory):
-    return save_tiny_sam(tmp_path_factory.mktemp("tiny_sam"))
 
 
 def test_declip_hf_never_imports_training():
