@@ -177,6 +177,7 @@ def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, 
     measured = [timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn, accelerator)
                 for _ in range(steps)]
     mean = {key: sum(step[key] for step in measured) / steps for key in measured[0]}
+    peak_rss = peak_rss_gib()  # before any profiling, whose records take memory of their own
     shares = profile_shares(lambda: timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn,
                                                accelerator)) if profile else {}
     return {
@@ -189,7 +190,7 @@ def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, 
         "vfm_forward_peak_gib": vfm_forward_peak,
         "vfm_weights_gib": sum(p.numel() * p.element_size() for p in vfm.parameters()) / 2**30,
         "images_per_s": batch_size / mean["step_s"],
-        "peak_rss_gib": peak_rss_gib(),
+        "peak_rss_gib": peak_rss,
         # On CUDA the memory that matters is the GPU's: the peak of torch.cuda.max_memory_allocated.
         "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         "rss_after_imports_gib": rss_before,
