@@ -82,3 +82,10 @@ def test_train_step_refuses_an_authors_folder_without_their_code(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--tiny", "--authors_src",
                              str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "not the src folder of a DeCLIP checkout" in result.stderr
+
+
+def test_fused_qkv_benchmark_compares_both_ways_at_both_shapes():
+    output = run_benchmark("fused_qkv.py", "--width", "32", "--rounds", "1", "--repeats", "1")
+    rows = table_rows(output, "teacher crops") + table_rows(output, "DINOv2-B view")
+    assert [row[1] for row in rows] == ["float32", "bfloat16"] * 2
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
