@@ -26,7 +26,7 @@ import resource
 import statistics
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -68,7 +68,9 @@ OTHER_TEACHERS = {
 @dataclass
 class Variant:
     name: str
-    attention: str = "sdpa"  # "sdpa" (fused) or "eager" (explicit softmax(QK^T)V everywhere)
+    # "sdpa" (fused) or "eager" (explicit softmax(QK^T)V in the student and the VFM; the content teacher's CLS-only
+    # last layer is always fused)
+    attention: str = "sdpa"
     checkpointing: bool = False
     autocast_bf16: bool = False  # the student under bf16 autocast (the teachers follow --frozen_dtype)
     frozen_dtype: str = "float32"
@@ -174,6 +176,8 @@ def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, 
     vfm_forward_peak = peak_rss_gib() - rss_built
     loss_fn = DeCLIPLoss()
     timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn, accelerator)  # warm-up (and compile)
+    if device == "cuda":  # the steps' own peak, without compilation's (the RSS, a high-water mark, keeps it)
+        torch.cuda.reset_peak_memory_stats()
     measured = [timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn, accelerator)
                 for _ in range(steps)]
     mean = {key: sum(step[key] for step in measured) / steps for key in measured[0]}
@@ -269,6 +273,11 @@ def child_command(name: str, args: argparse.Namespace) -> list[str]:
     return [sys.executable, __file__, "--child", name, *common] + (["--compile"] if args.compile else [])
 
 
+def compiled_label(name: str) -> str:
+    """A row's name under --compile, which compiles every row."""
+    return name if name.endswith("compiled") or name == AUTHORS_ROW else f"{name} (--compile)"
+
+
 def measure(name: str, args: argparse.Namespace) -> dict | None:
     try:
         completed = subprocess.run(child_command(name, args), capture_output=True, text=True, timeout=args.timeout)
@@ -323,7 +332,7 @@ def main() -> None:
     if args.child:
         variant = next(v for v in VARIANTS if v.name == args.child)
         if args.compile:
-            variant.compiled = True
+            variant = replace(variant, name=compiled_label(variant.name), compiled=True)
         print(json.dumps(run_variant(variant, shape_name, args.steps, args.batch_size, args.device, args.profile)))
         return
     rows = selected_rows(args, parser)
@@ -341,7 +350,8 @@ def main() -> None:
         print(rates_line(f"after round {round_index + 1}", rates[-1]), flush=True)
     if not complete_rounds:
         raise SystemExit("error: no round finished every variant; see the messages above.")
-    summaries = [summarise(name, results[name], results[rows[0]]) for name in rows]
+    label = compiled_label if args.compile else str
+    summaries = [summarise(label(name), results[name], results[rows[0]]) for name in rows]
     print(f"\nbatch {args.batch_size}, {shape_name}, {args.device}, {results[rows[0]][0]['threads']} threads; "
           f"{len(complete_rounds)} round(s) of {args.steps} step(s) after a warm-up, variants interleaved; median "
           f"and range over rounds; peak GiB is "

@@ -309,6 +309,7 @@ def _base_argv(clip, dinov2, images, output_dir) -> list:
         (["--decoupled_attention", "vanilla"], "invalid choice: 'vanilla'"),
         (["--ensemble_alpha", 1.5], "ensemble_alpha must be in"),
         (["--max_steps", None], "give --max_steps, or --images_per_epoch"),
+        (["--compile_backend", "inductr"], "unknown --compile_backend 'inductr'"),
     ],
 )
 def test_bad_values_fail_at_start_before_any_model(change, message, tiny_clip_dir, tiny_dinov2_dir, image_shards,
@@ -742,3 +743,17 @@ def test_compiled_run_trains_as_the_eager_run(backend, uninterrupted_run, tiny_c
     for name, value in reference.items():
         torch.testing.assert_close(final[name], value, rtol=0, atol=1e-4)
     torch._dynamo.reset()
+
+
+def test_compiling_is_not_part_of_the_runs_identity():
+    """A run may be resumed with or without --compile, or from a checkpoint saved before the flag existed: compiled
+    kernels compute the same step, rounding aside."""
+    import argparse
+    from types import SimpleNamespace
+
+    from training.run_folder import run_identity
+
+    accelerator = SimpleNamespace(num_processes=1, mixed_precision="no")
+    eager = run_identity(argparse.Namespace(lr=1e-3, compile=False, compile_backend="inductor"), accelerator)
+    compiled = run_identity(argparse.Namespace(lr=1e-3, compile=True, compile_backend="aot_eager"), accelerator)
+    assert eager == compiled == {"lr": 1e-3, "num_processes": 1, "mixed_precision": "no"}

@@ -14,14 +14,14 @@ process fails on all of them (`training/collectives.py`).
 determine what the run computes, so that a resume can refuse to continue a different run (`identity_differences`).
 """
 
-import errno
 import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
-from training.collectives import FailedOnEveryProcess, first_failure
+from training.collectives import FailedOnEveryProcess, failure_of, first_failure
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STAGING_PREFIX = ".tmp-"
@@ -101,21 +101,10 @@ def save_checkpoint(
         lambda: _complete(accelerator, staging, final, trainer_state, step, total_limit),
     )
     for stage in stages:
-        failure = first_failure(accelerator, _failure_of(stage))
+        failure = first_failure(accelerator, failure_of(stage))
         if failure:
             raise CheckpointSaveError(_save_failure_message(failure, final, checkpoints_dir))
     return final
-
-
-def _failure_of(stage) -> str:
-    """Run `stage`; "" when it succeeds, else what went wrong (any error: the other processes must hear of it)."""
-    try:
-        stage()
-    except OSError as error:
-        return "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else str(error)
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
-    return ""
 
 
 def _prepare_staging(accelerator, staging: Path) -> None:
@@ -136,8 +125,11 @@ def _complete(accelerator, staging: Path, final: Path, trainer_state: dict, step
     (staging / COMPLETED_MARKER).write_text(f"{step}\n")  # last: only a complete copy is ever marked
     remove_checkpoint(final)  # an older save of the same step (after resuming further back)
     staging.rename(final)
-    prune_checkpoints(final.parent, total_limit)
-    remove_orphans(final.parent)
+    # The checkpoint is complete from here on: a failed clean-up of older ones must not report it as unsaved.
+    cleanup_error = failure_of(lambda: (prune_checkpoints(final.parent, total_limit), remove_orphans(final.parent)))
+    if cleanup_error:
+        print(f"warning: saved {final.name}, but could not remove older checkpoints in {final.parent} "
+              f"({cleanup_error}); remove them by hand.", file=sys.stderr)
 
 
 def _save_failure_message(cause: str, final: Path, checkpoints_dir: Path) -> str:

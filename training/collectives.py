@@ -3,7 +3,21 @@ one process (a checkpoint save, the main process's evaluation) ends with one col
 learns whether any failed, so they all stop with the same error instead of the others waiting forever at the next
 barrier."""
 
+import errno
+
 from accelerate.utils import gather_object
+
+
+def failure_of(action) -> str:
+    """Run `action`; "" when it succeeds, else what went wrong, in words, for `first_failure`. Any error counts:
+    whatever one process raises, the others must hear of it rather than wait."""
+    try:
+        action()
+    except OSError as error:
+        return "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else str(error)
+    except Exception as error:  # noqa: BLE001 - reported to every process, then raised there as one error
+        return f"{type(error).__name__}: {error}"
+    return ""
 
 
 def first_failure(accelerator, error: str) -> str:

@@ -63,7 +63,7 @@ from training.checkpointing import (
     save_checkpoint,
     write_file_atomically,
 )
-from training.collectives import FailedOnEveryProcess, first_failure
+from training.collectives import FailedOnEveryProcess, failure_of, first_failure
 from training.data import (
     ImageViewsDataset,
     StreamPosition,
@@ -327,6 +327,7 @@ def check_args(args: argparse.Namespace) -> RunPlan:
         if not getattr(args, name):
             raise ValueError(f"--{name} is required (on the command line or in the --config file).")
     _check_numbers(args)
+    _check_compile_backend(args)
     check_output_dir_usable(Path(args.output_dir))
     resolve_trackers(args.report_to)
     student_config = _read_config(args.student, "--student")
@@ -346,6 +347,13 @@ def check_args(args: argparse.Namespace) -> RunPlan:
         raise ValueError(f"The size of {args.dataset!r} is unknown while streaming: give --max_steps, or "
                          f"--images_per_epoch with --epochs.")
     return RunPlan(view_config, images_per_epoch, _resume_path(args), vfm_view_keys, evaluation_specs(args))
+
+
+def _check_compile_backend(args: argparse.Namespace) -> None:
+    backends = torch._dynamo.list_backends(exclude_tags=())  # debugging backends such as aot_eager included
+    if args.compile_backend not in backends:
+        raise ValueError(f"unknown --compile_backend {args.compile_backend!r}; torch.compile knows "
+                         f"{', '.join(sorted(backends))}.")
 
 
 def _resume_path(args: argparse.Namespace) -> Path | None:
@@ -863,12 +871,9 @@ def finish(run: Run) -> dict:
     check_finite_weights(student, "the model")
     error = ""
     if accelerator.is_main_process:
-        try:
-            with quiet_transformers():
-                save_model(student, run.run_dir / "model", run.args.student, run.args.ensemble_alpha,
-                           run.args.student_size)
-        except OSError as failure:
-            error = str(failure)
+        with quiet_transformers():
+            error = failure_of(lambda: save_model(student, run.run_dir / "model", run.args.student,
+                                                  run.args.ensemble_alpha, run.args.student_size))
     failure = first_failure(accelerator, error)  # the others wait here, and learn whether the save failed
     if failure:
         raise ModelSaveFailed(f"Could not save the model to {run.run_dir / 'model'} ({failure}). Free space (or "

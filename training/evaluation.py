@@ -14,6 +14,7 @@ leaving them waiting.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -25,7 +26,7 @@ from declip_hf.models.loading_utils import image_normalisation, quiet_transforme
 from declip_hf.segmentation.benchmarks import get_region_benchmark, get_segmentation_benchmark
 from declip_hf.segmentation.evaluate import evaluate_regions, evaluate_segmentation, load_split
 from declip_hf.segmentation.segmenter import DeCLIPSegmenter, load_text_tower, text_tower_subfolder
-from training.collectives import FailedOnEveryProcess, first_failure
+from training.collectives import FailedOnEveryProcess, failure_of, first_failure
 from training.export import save_model
 
 EVAL_EVENT = "eval"
@@ -148,15 +149,15 @@ class TrainingEvaluator:
             return
         error = ""
         if self.accelerator.is_main_process:
-            try:
-                self._evaluate_and_record(step, epoch, progress)
-            except Exception as failure:  # any failure must reach the waiting processes, not leave them hanging
-                error = f"{type(failure).__name__}: {failure}"
+            # any failure must reach the waiting processes, not leave them hanging
+            error = failure_of(lambda: self._evaluate_and_record(step, epoch, progress))
         failure = first_failure(self.accelerator, error)  # the others learn the main process's outcome here
         if failure:
             message = (f"The evaluation at update {step} failed ({failure}). Check the eval benchmark specs and data, "
                        f"then resume with --resume_from_checkpoint latest.")
-            progress.log_event("error", epoch=epoch, message=message)
+            # Best effort: a full disk may be why it failed, and the error must still reach every process.
+            with contextlib.suppress(OSError):
+                progress.log_event("error", epoch=epoch, message=message)
             raise EvaluationFailed(message)
 
     def _evaluate_and_record(self, step: int, epoch: int, progress) -> None:

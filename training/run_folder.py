@@ -24,6 +24,8 @@ RESUMABLE_CHANGES = (
     "config", "make_tiny_assets", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps",
     "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps", "report_to", "log_image_hashes",
     "on_nonfinite",
+    # how the same computation is executed: compiled kernels round differently at most, as other kernels would
+    "compile", "compile_backend",
     # what is evaluated along the way (training/evaluation.py): measured, never part of what the run computes
     "eval_every", "eval_benchmarks", "eval_region_benchmarks", "eval_max_images", "eval_text_model", "eval_keep_best",
 )

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from declip_hf import DeCLIPEvaVisionConfig, DeCLIPVisionConfig, DeCLIPVisionModel
+from declip_hf import DeCLIPEvaVisionConfig, DeCLIPEvaVisionModel, DeCLIPVisionConfig, DeCLIPVisionModel
 from declip_hf.models.modeling_declip import _merge_heads, _split_heads
 from declip_hf.models.modeling_declip_eva import apply_rotary
 
@@ -60,7 +60,7 @@ CLS_EMBEDDINGS = {
 class FrozenCLIPTeacher(nn.Module):
     """The starting CLIP: normalised image embeddings (CLS path, plain CLIP forward) of the grid crops."""
 
-    def __init__(self, model: DeCLIPVisionModel, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: DeCLIPVisionModel | DeCLIPEvaVisionModel, dtype: torch.dtype = torch.float32):
         super().__init__()
         model_type = model.config.model_type
         if model_type not in CLS_EMBEDDINGS:
