@@ -197,8 +197,8 @@ class EvaEncoderReader(EncoderReader):
         return layer(hidden_states, state)
 
     def projection_heads(self, layer, hidden_states, names):
-        projections = layer.attn.projections(layer.norm1(hidden_states))
-        return {name: _split_heads(projections[name], layer.attn.num_heads) for name in names}
+        projections = layer.attn.projections(layer.norm1(hidden_states), names)
+        return {name: _split_heads(tensor, layer.attn.num_heads) for name, tensor in projections.items()}
 
     def query_key(self, layer, hidden_states, state):
         heads = self.projection_heads(layer, hidden_states, ("q", "k"))
@@ -278,6 +278,18 @@ def grid_size(model: DeCLIPModel, pixel_values: torch.Tensor) -> tuple[int, int]
     return model._grid_size(model._check_pixel_values(pixel_values))
 
 
+def _last_layer_input(model: DeCLIPModel, pixel_values: torch.Tensor):
+    """The encoder run up to its last layer, building no attention weights: (reader, last layer, that layer's input,
+    the reader's state, grid)."""
+    reader = encoder_reader(model)
+    grid = grid_size(model, pixel_values)
+    hidden_states, state = reader.embed(model, pixel_values, grid)
+    layers = reader.layers(model)
+    for layer in layers[:-1]:
+        hidden_states = reader.run_layer(layer, hidden_states, state)
+    return reader, layers[-1], hidden_states, state, grid
+
+
 @torch.no_grad()
 def analyse_attention(model: DeCLIPModel, pixel_values: torch.Tensor) -> DeCLIPAttentionOutput:
     """Every layer's attention weights and the final layer's decoupled ones, in one pass over the encoder."""
@@ -330,10 +342,13 @@ def layer_attention_maps(
     return layers, attention_map(analysis.decoupled_attention[0], query_index, grid)
 
 
+@torch.no_grad()
 def final_layer_attention(model: DeCLIPModel, pixel_values: torch.Tensor, query_index: int | None):
     """The final layer's decoupled attention of one image's `query_index` (patch index, or None for CLS), heads
-    averaged: an (h, w) map."""
-    return layer_attention_maps(model, pixel_values, query_index)[1].mean(0)
+    averaged: an (h, w) map. Only the last layer's weights are built (what a click in the demo asks for)."""
+    reader, last, hidden_states, state, grid = _last_layer_input(model, pixel_values[:1])
+    weights = DECOUPLED_ATTENTION_WEIGHTS[model.config.decoupled_attention](reader, last, hidden_states, state)
+    return attention_map(weights[0], query_index, grid).mean(0)
 
 
 def point_to_patch_index(x: float, y: float, grid: tuple[int, int]) -> int:
@@ -423,9 +438,8 @@ def correlation_map(features: torch.Tensor, query_index: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def context_correlation(model: DeCLIPModel, pixel_values: torch.Tensor, query_index: int) -> torch.Tensor:
-    """Row `query_index` of the student's context correlation, `(1/m) Σᵢ corr(Pᵢ)` over the mode's context
-    features (docs/method.md §4.2), as (h, w) maps for each image: (B, h, w)."""
+def context_feature_maps(model: DeCLIPModel, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """The mode's context features as (B, C, h, w) maps, one per projection (q, k, v order)."""
     grid = grid_size(model, pixel_values)
     features = model.get_dense_features(pixel_values).context_features
     if not features:
@@ -433,8 +447,18 @@ def context_correlation(model: DeCLIPModel, pixel_values: torch.Tensor, query_in
             f"decoupled_attention={model.config.decoupled_attention!r} has no context features; load the model with "
             "a trainable mode (e.g. from_pretrained(..., decoupled_attention='qq')) to see its context correlation."
         )
-    maps = [correlation_map(feature.transpose(1, 2).unflatten(-1, grid), query_index) for feature in features]
-    return torch.stack(maps).mean(0)
+    return [feature.transpose(1, 2).unflatten(-1, grid) for feature in features]  # (B, N, C) -> (B, C, h, w)
+
+
+def mean_correlation(feature_maps: list[torch.Tensor], query_index: int) -> torch.Tensor:
+    """`(1/m) Σᵢ corr(Pᵢ)` row `query_index` over m feature maps: (B, h, w)."""
+    return torch.stack([correlation_map(features, query_index) for features in feature_maps]).mean(0)
+
+
+def context_correlation(model: DeCLIPModel, pixel_values: torch.Tensor, query_index: int) -> torch.Tensor:
+    """Row `query_index` of the student's context correlation, `(1/m) Σᵢ corr(Pᵢ)` over the mode's context
+    features (docs/method.md §4.2), as (h, w) maps for each image: (B, h, w)."""
+    return mean_correlation(context_feature_maps(model, pixel_values), query_index)
 
 
 class VFMPatchFeatures:

@@ -30,9 +30,11 @@ from .analysis import (
     analyse_attention,
     attention_map,
     attention_proxy_scores,
-    context_correlation,
+    context_feature_maps,
+    correlation_map,
+    grid_size,
+    mean_correlation,
     point_to_patch_index,
-    vfm_correlation,
 )
 from .models.configuration_declip import DECOUPLED_ATTENTION_MODES
 from .models.loading_utils import image_normalisation, quiet_transformers
@@ -261,9 +263,11 @@ def plot_correlations(models: list[AnalysedModel], vfm: VFMPatchFeatures | None,
 
 
 def _model_correlation(model: AnalysedModel, image, size):
+    """One forward for all the points: point -> the model's context correlation (h, w)."""
     pixel_values = model.pixel_values(image, size)
-    grid = model.model._grid_size(model.model._check_pixel_values(pixel_values))
-    return lambda point: context_correlation(model.model, pixel_values, point_to_patch_index(*point, grid))[0]
+    grid = grid_size(model.model, pixel_values)
+    feature_maps = context_feature_maps(model.model, pixel_values)
+    return lambda point: mean_correlation(feature_maps, point_to_patch_index(*point, grid))[0]
 
 
 def _vfm_correlation(vfm: VFMPatchFeatures, image, size, reference: AnalysedModel):
@@ -272,7 +276,8 @@ def _vfm_correlation(vfm: VFMPatchFeatures, image, size, reference: AnalysedMode
     mean, std = vfm.normalisation()
     pixel_values = prepare_dense_inputs(image, size=side, mean=mean, std=std).to(vfm.model.device)
     grid = (side // vfm.patch_size,) * 2
-    return lambda point: vfm_correlation(vfm, pixel_values, point_to_patch_index(*point, grid))[0]
+    features = vfm(pixel_values)  # one forward for all the points
+    return lambda point: correlation_map(features, point_to_patch_index(*point, grid))[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------

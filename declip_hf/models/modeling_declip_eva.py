@@ -28,6 +28,7 @@ from .modeling_declip import (
     DeCLIPDenseOutput,
     DeCLIPVisionModel,
     DenseFeaturesMixin,
+    SelfSimilarityAttention,
     _eager_self_similarity,
     _fused_self_similarity,
     _merge_heads,
@@ -82,13 +83,15 @@ class EvaAttention(nn.Module):
         self.inner_attn_ln = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.proj = nn.Linear(width, width)
 
-    def projections(self, normed: torch.Tensor) -> dict[str, torch.Tensor]:
-        """q, k, v of the normed tokens, each (B, T, C), biases included."""
-        return {
-            "q": F.linear(normed, self.q_proj.weight, self.q_bias),
-            "k": self.k_proj(normed),
-            "v": F.linear(normed, self.v_proj.weight, self.v_bias),
+    def projections(self, normed: torch.Tensor, names: tuple[str, ...] = ("q", "k", "v")) -> dict[str, torch.Tensor]:
+        """The projections `names` of the normed tokens, each (B, T, C), biases included (only those asked for are
+        computed)."""
+        project = {
+            "q": lambda: F.linear(normed, self.q_proj.weight, self.q_bias),
+            "k": lambda: self.k_proj(normed),
+            "v": lambda: F.linear(normed, self.v_proj.weight, self.v_bias),
         }
+        return {name: project[name]() for name in names}
 
     def output(self, attended_heads: torch.Tensor) -> torch.Tensor:
         """(B, H, T, d) attended values -> (B, T, C): merge heads, sub-LN, `proj`."""
@@ -144,23 +147,17 @@ class EvaPatchEmbedding(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class EvaSelfSimilarityAttention:
+class EvaSelfSimilarityAttention(SelfSimilarityAttention):
     """The authors' `ss_attn`: like the CLIP path's self-similarity attention (same groups: one softmax per group,
     summed), but with no 1/sqrt(d) scale, no rotary embedding, and the attended values through the sub-LN and `proj`.
     No residual, no MLP."""
-
-    def __init__(self, *similarity_groups: tuple[str, ...]):
-        self.similarity_groups = similarity_groups
-        used = {name for group in similarity_groups for name in group}
-        self.context_names = tuple(name for name in ("q", "k", "v") if name in used)
-        self.projection_names = tuple(name for name in ("q", "k", "v") if name in used | {"v"})
 
     def __call__(self, block: EvaBlock, hidden_states: torch.Tensor, rope):
         attention = block.attn
         eager = attention.config._attn_implementation == "eager"
         attend = _eager_self_similarity if eager else _fused_self_similarity
-        projections = attention.projections(block.norm1(hidden_states))
-        heads = {name: _split_heads(projections[name], attention.num_heads) for name in self.projection_names}
+        projections = attention.projections(block.norm1(hidden_states), self.projection_names)
+        heads = {name: _split_heads(tensor, attention.num_heads) for name, tensor in projections.items()}
         attended = 0
         for group in self.similarity_groups:
             similarity = torch.cat([heads[name] for name in group], dim=-1)
@@ -178,7 +175,7 @@ def eva_maskclip_path(block: EvaBlock, hidden_states: torch.Tensor, rope):
     """Baseline (MaskCLIP): attention replaced by the value path (through the block's sub-LN and `proj`, the rest of
     its attention output), residuals and MLP kept."""
     attention = block.attn
-    values = attention.projections(block.norm1(hidden_states))["v"]
+    values = attention.projections(block.norm1(hidden_states), ("v",))["v"]
     hidden_states = hidden_states + attention.proj(attention.inner_attn_ln(values))
     return hidden_states + block.mlp(block.norm2(hidden_states)), ()
 
