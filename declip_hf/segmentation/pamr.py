@@ -18,14 +18,18 @@ def _offsets(dilation: int, with_centre: bool) -> list[tuple[int, int]]:
     return [(dy, dx) for dy in steps for dx in steps if with_centre or (dy, dx) != (0, 0)]
 
 
-def _shifted(x: torch.Tensor, offsets: list[tuple[int, int]], dilation: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, len(offsets), H, W): entry k at (y, x) is x at (y + dy_k, x + dx_k), borders
-    replicated."""
+def _shifted_views(x: torch.Tensor, offsets: list[tuple[int, int]], dilation: int) -> list[torch.Tensor]:
+    """(B, C, H, W) -> one (B, C, H, W) view per offset: view k at (y, x) is x at (y + dy_k, x + dx_k), borders
+    replicated. One padded copy serves all the offsets."""
     _, _, height, width = x.shape
     padded = F.pad(x, [dilation] * 4, mode="replicate")
-    views = [padded[:, :, dilation + dy : dilation + dy + height, dilation + dx : dilation + dx + width]
-             for dy, dx in offsets]
-    return torch.stack(views, dim=2)
+    return [padded[:, :, dilation + dy : dilation + dy + height, dilation + dx : dilation + dx + width]
+            for dy, dx in offsets]
+
+
+def _shifted(x: torch.Tensor, offsets: list[tuple[int, int]], dilation: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, len(offsets), H, W), the views of `_shifted_views` stacked."""
+    return torch.stack(_shifted_views(x, offsets, dilation), dim=2)
 
 
 class PAMR(nn.Module):
@@ -62,8 +66,8 @@ class PAMR(nn.Module):
             index = 0
             # One neighbour at a time: (B, C, H, W) memory, not (B, C, P, H, W), for 171 classes at full size.
             for dilation in self.dilations:
-                for offset in _offsets(dilation, with_centre=False):
-                    refined += _shifted(scores, [offset], dilation)[:, :, 0] * weights[:, index : index + 1]
+                for neighbour in _shifted_views(scores, _offsets(dilation, with_centre=False), dilation):
+                    refined += neighbour * weights[:, index : index + 1]
                     index += 1
             scores = refined
         return scores
