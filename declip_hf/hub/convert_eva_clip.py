@@ -36,7 +36,9 @@ def square_patch_grid(num_positions: int, key: str) -> int:
 
 
 @dataclass(frozen=True)
-class EvaVisionShape:
+class VisionShape:
+    """What the vision tensors of an open_clip state dict say about the tower (OpenAI or EVA02 layout)."""
+
     width: int
     layers: int
     mlp_width: int
@@ -45,16 +47,17 @@ class EvaVisionShape:
     embed_dim: int
 
 
+def num_layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many numbered layers `prefix<N>.` the state dict holds."""
+    indices = {int(match.group(1)) for key in state_dict if (match := re.match(rf"{re.escape(prefix)}(\d+)\.", key))}
+    return max(indices) + 1 if indices else 0
+
+
 def is_eva02_architecture(arch: str) -> bool:
     return arch in EVA02_ARCHITECTURES
 
 
-def _num_blocks(state_dict: dict[str, torch.Tensor]) -> int:
-    indices = {int(match.group(1)) for key in state_dict if (match := re.match(r"visual\.blocks\.(\d+)\.", key))}
-    return max(indices) + 1 if indices else 0
-
-
-def infer_eva_vision_shape(state_dict: dict[str, torch.Tensor]) -> EvaVisionShape:
+def infer_eva_vision_shape(state_dict: dict[str, torch.Tensor]) -> VisionShape:
     """The tower's sizes from tensor shapes alone; a ValueError naming what is missing for another layout."""
     required = ("visual.patch_embed.proj.weight", "visual.pos_embed", "visual.blocks.0.mlp.w1.weight", "visual.head.weight")
     missing = [key for key in required if key not in state_dict]
@@ -67,9 +70,9 @@ def infer_eva_vision_shape(state_dict: dict[str, torch.Tensor]) -> EvaVisionShap
         )
     width, _, patch_size, _ = state_dict["visual.patch_embed.proj.weight"].shape
     grid = square_patch_grid(state_dict["visual.pos_embed"].shape[1], "visual.pos_embed")
-    return EvaVisionShape(
+    return VisionShape(
         width=width,
-        layers=_num_blocks(state_dict),
+        layers=num_layers(state_dict, "visual.blocks."),
         mlp_width=state_dict["visual.blocks.0.mlp.w1.weight"].shape[0],
         patch_size=patch_size,
         image_size=grid * patch_size,
@@ -77,7 +80,7 @@ def infer_eva_vision_shape(state_dict: dict[str, torch.Tensor]) -> EvaVisionShap
     )
 
 
-def eva_vision_config(shape: EvaVisionShape, arch: str, decoupled_attention: str) -> DeCLIPEvaVisionConfig:
+def eva_vision_config(shape: VisionShape, arch: str, decoupled_attention: str) -> DeCLIPEvaVisionConfig:
     family = EVA02_ARCHITECTURES[arch]
     if shape.width % family["head_width"]:
         raise ValueError(f"Width {shape.width} is not a multiple of {arch}'s head width {family['head_width']}.")

@@ -43,7 +43,9 @@ from .convert_eva_clip import (
     EVA02_ARCHITECTURES,
     convert_eva_vision,
     eva_text_state_dict,
+    VisionShape,
     is_eva02_architecture,
+    num_layers,
     square_patch_grid,
 )
 
@@ -103,18 +105,6 @@ CLIP_BPE_VOCAB_SIZE = 49408
 
 # Non-persistent in open_clip today, but older checkpoints (OpenAI's own) carry the causal mask; it is rebuilt.
 _IGNORED_TEXT_KEYS = ("attn_mask",)
-
-
-@dataclass(frozen=True)
-class VisionShape:
-    """What the vision tensors of an OpenAI-architecture open_clip state dict say about the tower."""
-
-    width: int
-    layers: int
-    mlp_width: int
-    patch_size: int
-    image_size: int
-    embed_dim: int
 
 
 @dataclass(frozen=True)
@@ -181,18 +171,13 @@ def reject_foreign_architecture(state_dict: dict[str, torch.Tensor]) -> None:
         )
 
 
-def _num_layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
-    indices = {int(match.group(1)) for key in state_dict if (match := re.match(rf"{re.escape(prefix)}(\d+)\.", key))}
-    return max(indices) + 1 if indices else 0
-
-
 def infer_vision_shape(state_dict: dict[str, torch.Tensor]) -> VisionShape:
     """Read the tower's size from tensor shapes alone (meta tensors suffice)."""
     width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
     grid = square_patch_grid(state_dict["visual.positional_embedding"].shape[0], "visual.positional_embedding")
     return VisionShape(
         width=width,
-        layers=_num_layers(state_dict, "visual.transformer.resblocks."),
+        layers=num_layers(state_dict, "visual.transformer.resblocks."),
         mlp_width=state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         patch_size=patch_size,
         image_size=grid * patch_size,
@@ -210,7 +195,7 @@ def infer_text_shape(state_dict: dict[str, torch.Tensor]) -> TextShape:
     vocab_size, width = state_dict["token_embedding.weight"].shape
     return TextShape(
         width=width,
-        layers=_num_layers(state_dict, "transformer.resblocks."),
+        layers=num_layers(state_dict, "transformer.resblocks."),
         mlp_width=state_dict["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         context_length=state_dict["positional_embedding"].shape[0],
         vocab_size=vocab_size,

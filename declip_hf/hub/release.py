@@ -443,9 +443,7 @@ def _analyse_for_card(run: TrainingRun, args, out: Path) -> dict:
     compare = args.analysis_compare or str(run.args.get("student", ""))
     if not compare:
         raise ValueError("The run records no student: pass --analysis-compare with the CLIP to compare with.")
-    compare_label = (args.base_model if not args.analysis_compare else None) or hub_id_or_none(compare) or Path(
-        compare.rstrip("/")
-    ).name
+    compare_label = (None if args.analysis_compare else args.base_model) or _public_name(compare)
     try:
         return release_analysis(run.model_dir, args.repo_id.split("/")[-1], compare, compare_label,
                                 args.analysis_images, out)
