@@ -18,7 +18,6 @@ CPU path has no autocast. Three things are substituted so that it runs offline a
 
 import argparse
 import json
-import resource
 import sys
 import types
 from argparse import Namespace
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from step_shapes import SHAPES, clock, make_batch, profile_shares
+from step_shapes import SHAPES, clock, make_batch, measure_steps
 
 
 def import_authors_code(src: Path):
@@ -65,7 +64,7 @@ def build_clip(open_clip, shape_name: str) -> nn.Module:
     class for `--tiny`."""
     if shape_name == "vitb16":
         return open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True)
-    config = SHAPES["tiny"][0]
+    config = SHAPES["tiny"].student
     vision = dict(image_size=config["image_size"], layers=config["num_hidden_layers"], width=config["hidden_size"],
                   patch_size=config["patch_size"], head_width=config["hidden_size"] // config["num_attention_heads"])
     text = dict(context_length=8, vocab_size=64, width=32, heads=4, layers=1)
@@ -98,7 +97,7 @@ def build(open_clip, DeCLIP, freeze_parameters, shape_name: str, device: str):
                      loss_content_weight=1.0, distributed=False, precision="fp32", device=device)
     student = freeze_parameters(student, args)
     student.train()
-    vfm_config = Dinov2Config(**SHAPES[shape_name][1])
+    vfm_config = Dinov2Config(**SHAPES[shape_name].vfm)
     vfm_model = AutoModel.from_config(vfm_config, attn_implementation="eager").eval().requires_grad_(False)
     vfm = HubStyleDinov2(vfm_model, vfm_config.patch_size).to(device)
     # Their two AdamW groups (training/main.py): no weight decay on gains, biases and logit_scale.
@@ -152,19 +151,9 @@ def main() -> None:
     instrument(teacher, vfm, args.device)
     batch = authors_batch({key: value.to(args.device)
                            for key, value in make_batch(SHAPES[shape_name], args.batch_size, vfm.patch_size).items()})
-    timed_step(batch, student, teacher, vfm, optimizer, run_args, method)  # warm-up
-    measured = [timed_step(batch, student, teacher, vfm, optimizer, run_args, method)
-                for _ in range(args.steps)]
-    mean = {key: sum(step[key] for step in measured) / args.steps for key in measured[0]}
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before any profiling
-    shares = profile_shares(lambda: timed_step(batch, student, teacher, vfm, optimizer, run_args, method)) \
-        if args.profile else {}
-    print(json.dumps({
-        "name": "authors' code, fp32", **mean, "profile": shares, "images_per_s": args.batch_size / mean["step_s"],
-        "peak_rss_gib": peak_rss,
-        "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
-        "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-    }))
+    measured = measure_steps(lambda: timed_step(batch, student, teacher, vfm, optimizer, run_args, method),
+                             args.steps, args.batch_size, args.device, args.profile)
+    print(json.dumps({"name": "authors' code, fp32", **measured}))
 
 
 if __name__ == "__main__":

@@ -3,33 +3,45 @@ random batch, a device-aware clock and the machine's matrix-multiply rates. Shar
 project's step) and `authors_step.py` (the authors' step), which must not import each other: the authors' code
 has a top-level `training` package of its own."""
 
+import resource
 import time
+from typing import NamedTuple
 
 import torch
 
-# (student config, DINOv2 config, student size, teacher size, DINOv2 view size, crops per image)
+
+class StepShape(NamedTuple):
+    """One step's models and views: the student's and DINOv2's config kwargs, the student's and the teacher crops'
+    sides, and the crops per image (the DINOv2 view is the student's grid at DINOv2's patch size)."""
+
+    student: dict
+    vfm: dict
+    student_size: int
+    teacher_size: int
+    crops: int
+
+
 SHAPES = {
-    "vitb16": (
+    "vitb16": StepShape(
         dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
              image_size=224, projection_dim=512, hidden_act="quick_gelu"),
         dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14, image_size=518, mlp_ratio=4),
-        560, 224, 490, 20,
+        student_size=560, teacher_size=224, crops=20,
     ),
-    "tiny": (
+    "tiny": StepShape(
         dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
              image_size=32, projection_dim=24),
         dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=2, image_size=32, mlp_ratio=2),
-        64, 32, 32, 20,
+        student_size=64, teacher_size=32, crops=20,
     ),
 }
 
 
-def make_batch(shapes, batch_size: int, vfm_patch: int) -> dict[str, torch.Tensor]:
+def make_batch(shape: StepShape, batch_size: int, vfm_patch: int) -> dict[str, torch.Tensor]:
     """Random views with every crop slot used (the most teacher work a step can have); the VFM view is the
     student's grid at `vfm_patch`."""
-    student_size, teacher_size, _, crops = shapes[2:]
-    student_patch = shapes[0]["patch_size"]
-    vfm_size = student_size // student_patch * vfm_patch
+    student_size, teacher_size, crops = shape.student_size, shape.teacher_size, shape.crops
+    vfm_size = student_size // shape.student["patch_size"] * vfm_patch
     generator = torch.Generator().manual_seed(0)
     corners = torch.rand(batch_size, crops, 2, 2, generator=generator)
     boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values + 0.05], dim=-1).clamp(max=1.0)
@@ -94,3 +106,25 @@ def profile_shares(step) -> dict[str, float]:
         totals[kind] += event.self_cpu_time_total
     total = sum(totals.values())
     return {**{kind: seconds / total for kind, seconds in totals.items()}, "profiled_s": total / 1e6}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def measure_steps(step, steps: int, batch_size: int, device: str, profile: bool = False) -> dict:
+    """`step()` (returning its parts' seconds) once to warm up (allocator, kernels, optimizer state, compilation),
+    then `steps` times: the mean of each part, images/s, the peaks (RSS, and on CUDA the steps' own
+    max_memory_allocated), and with `profile` the operator shares of one more step, run after the peaks are read
+    (the profiler's records take memory of their own)."""
+    step()
+    if device == "cuda":  # the steps' own peak, without compilation's (the RSS, a high-water mark, keeps it)
+        torch.cuda.reset_peak_memory_stats()
+    measured = [step() for _ in range(steps)]
+    mean = {key: sum(times[key] for times in measured) / steps for key in measured[0]}
+    peaks = {"peak_rss_gib": peak_rss_gib(),
+             # On CUDA the memory that matters is the GPU's: the peak of torch.cuda.max_memory_allocated.
+             "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+    return {**mean, "images_per_s": batch_size / mean["step_s"], **peaks,
+            "profile": profile_shares(step) if profile else {}, "batch_size": batch_size,
+            "threads": torch.get_num_threads()}

@@ -22,7 +22,6 @@ forward+backward (with the loss and optimizer update), and the VFM forward's own
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from transformers import AutoModel, Dinov2Config, SamVisionConfig, ViTConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training.*` from the repository root
 
 from declip_hf import DeCLIPVisionConfig  # noqa: E402  (registers DeCLIP with AutoModel)
-from step_shapes import SHAPES, clock, make_batch, matmul_rates, profile_shares  # noqa: E402
+from step_shapes import SHAPES, clock, make_batch, matmul_rates, measure_steps, peak_rss_gib  # noqa: E402
 from training.distill import DenseStudent, compile_in_place, training_step  # noqa: E402
 from training.losses import DeCLIPLoss  # noqa: E402
 from training.optim import build_optimizer, configure_trainable  # noqa: E402
@@ -98,7 +97,7 @@ VARIANTS = [
 def build_vfm(variant: Variant, shape_name: str, dtype: torch.dtype) -> FrozenVFM:
     """The variant's context teacher, random weights from its config, read by its adapter (training/teachers/)."""
     if variant.teacher == "dinov2":
-        config = Dinov2Config(**SHAPES[shape_name][1])
+        config = Dinov2Config(**SHAPES[shape_name].vfm)
     else:
         config_class, kwargs = OTHER_TEACHERS[variant.teacher]
         config = config_class(**kwargs[shape_name])
@@ -107,7 +106,7 @@ def build_vfm(variant: Variant, shape_name: str, dtype: torch.dtype) -> FrozenVF
 
 def build(variant: Variant, shape_name: str, device: str = "cpu"):
     """The models and optimizer as distill.py builds them for the variant's flags."""
-    student_kwargs = SHAPES[shape_name][0]
+    student_kwargs = SHAPES[shape_name].student
     config = DeCLIPVisionConfig(**student_kwargs, decoupled_attention="qq")
     # With attn_implementation="eager" the decoupled last layer materialises its attention weights too.
     student = AutoModel.from_config(config, attn_implementation=variant.attention)
@@ -158,10 +157,6 @@ def timed_step(batch, student, teacher: Timed, context_teachers: ContextTeachers
             "step_s": step_s}
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-
-
 def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, device: str = "cpu",
                 profile: bool = False) -> dict:
     rss_before = peak_rss_gib()
@@ -175,30 +170,16 @@ def run_variant(variant: Variant, shape_name: str, steps: int, batch_size: int, 
         vfm(batch["vfm"])
     vfm_forward_peak = peak_rss_gib() - rss_built
     loss_fn = DeCLIPLoss()
-    timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn, accelerator)  # warm-up (and compile)
-    if device == "cuda":  # the steps' own peak, without compilation's (the RSS, a high-water mark, keeps it)
-        torch.cuda.reset_peak_memory_stats()
-    measured = [timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn, accelerator)
-                for _ in range(steps)]
-    mean = {key: sum(step[key] for step in measured) / steps for key in measured[0]}
-    peak_rss = peak_rss_gib()  # before any profiling, whose records take memory of their own
-    shares = profile_shares(lambda: timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn,
-                                               accelerator)) if profile else {}
+    measured = measure_steps(lambda: timed_step(batch, student, teacher, context_teachers, optimizer, loss_fn,
+                                                accelerator), steps, batch_size, device, profile)
     return {
         **asdict(variant),
-        **mean,
-        "profile": shares,
+        **measured,
         "device": device,
-        "batch_size": batch_size,
         "vfm_view": batch["vfm"].shape[-1],
         "vfm_forward_peak_gib": vfm_forward_peak,
         "vfm_weights_gib": sum(p.numel() * p.element_size() for p in vfm.parameters()) / 2**30,
-        "images_per_s": batch_size / mean["step_s"],
-        "peak_rss_gib": peak_rss,
-        # On CUDA the memory that matters is the GPU's: the peak of torch.cuda.max_memory_allocated.
-        "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         "rss_after_imports_gib": rss_before,
-        "threads": torch.get_num_threads(),
     }
 
 

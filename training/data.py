@@ -49,8 +49,6 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from training.views import MIN_IMAGE_SIDE, SKIP_REASONS, UnusableImage, ViewConfig, make_views, to_rgb
 
-# The views every example has; each context teacher's view ("vfm", "vfm_1", ...) comes on top (training/views.py).
-VIEW_KEYS = ("student", "crops", "boxes", "crop_valid")
 # Per-example bookkeeping that travels with the views so nothing is lost inside dataloader workers.
 POSITION_KEYS = ("worker", "num_workers", "stream_position")
 
@@ -446,8 +444,9 @@ def _worker_slot() -> tuple[int, int]:
 class ImageViewsDataset(torch.utils.data.IterableDataset):
     """The training views (training/views.py) of every usable image of this rank's stream; unusable ones are counted.
 
-    Each example is a dict of the view tensors (`VIEW_KEYS`) plus "skipped", the (len(SKIP_REASONS),) counts of
-    images skipped since the previous example of the same worker, and the `POSITION_KEYS` scalars that
+    Each example is a dict of the view tensors (`make_views`: "student", "crops", "boxes", "crop_valid" and each
+    context teacher's view) plus "skipped", the (len(SKIP_REASONS),) counts of images skipped since the previous
+    example of the same worker, and the `POSITION_KEYS` scalars that
     `StreamPosition.advance` reads. With dataloader workers, each worker takes a disjoint part of the rank's
     stream (see `_worker_values`).
 
@@ -571,7 +570,7 @@ class ImageViewsDataset(torch.utils.data.IterableDataset):
 
 def collate_views(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack the views; sum the skip counts; keep the batch's position (all examples come from one worker)."""
-    view_keys = [key for key in examples[0] if key not in ("skipped", *POSITION_KEYS)]  # VIEW_KEYS + VFM views
+    view_keys = [key for key in examples[0] if key not in ("skipped", *POSITION_KEYS)]  # make_views' keys
     batch = {key: torch.stack([example[key] for example in examples]) for key in view_keys}
     batch["skipped"] = torch.stack([example["skipped"] for example in examples]).sum(dim=0)
     workers = {int(example["worker"]) for example in examples}

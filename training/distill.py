@@ -57,7 +57,6 @@ from declip_hf.models.modeling_declip_eva import declip_vision_class
 from declip_hf.vfm import vfm_normalisation, vfm_patch_size
 from training.checkpointing import (
     RUN_IDENTITY_KEY,
-    CheckpointSaveError,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
@@ -73,7 +72,7 @@ from training.data import (
     shard_for_process,
     sharding_warning,
 )
-from training.evaluation import EvaluationFailed, TrainingEvaluator, add_evaluation_arguments, evaluation_specs
+from training.evaluation import TrainingEvaluator, add_evaluation_arguments, evaluation_specs
 from training.export import save_model
 from training.losses import TRAINING_SCHEMES, DeCLIPLoss, TrainingScheme, decoupled_context
 from training.optim import LR_SCALINGS, build_optimizer, build_scheduler, configure_trainable, scaled_learning_rate
@@ -317,7 +316,8 @@ class RunPlan:
     images_per_epoch: int | None
     resume_path: Path | None
     vfm_view_keys: list[str]  # the batch key of each context teacher's view, in --vfm order
-    evaluation_specs: tuple[list, list] = ([], [])  # (segmentation, region) specs of --eval_every
+    evaluation_specs: tuple[list, list]  # (segmentation, region) specs of --eval_every
+    stream: object  # the opened image stream (datasets.IterableDataset), opened once for the checks and the run
 
 
 def check_args(args: argparse.Namespace) -> RunPlan:
@@ -346,7 +346,7 @@ def check_args(args: argparse.Namespace) -> RunPlan:
     if args.max_steps is None and images_per_epoch is None:
         raise ValueError(f"The size of {args.dataset!r} is unknown while streaming: give --max_steps, or "
                          f"--images_per_epoch with --epochs.")
-    return RunPlan(view_config, images_per_epoch, _resume_path(args), vfm_view_keys, evaluation_specs(args))
+    return RunPlan(view_config, images_per_epoch, _resume_path(args), vfm_view_keys, evaluation_specs(args), stream)
 
 
 def _check_compile_backend(args: argparse.Namespace) -> None:
@@ -536,7 +536,7 @@ def build_models(args: argparse.Namespace, device: torch.device, vfm_view_keys: 
 def build_dataset(args: argparse.Namespace, plan: RunPlan, accelerator: Accelerator) -> ImageViewsDataset:
     """This process's disjoint part of the stream as views. Its loader must NOT go through `accelerator.prepare`:
     the stream is already split per process, and `prepare` would split the batches once more."""
-    stream = open_image_stream(args.dataset, args.split, args.image_column, data_files=args.data_files)
+    stream = plan.stream  # opened by check_args; shard_for_process returns new datasets and leaves it as it is
     warning = sharding_warning(stream, accelerator.num_processes, args.dataloader_num_workers)
     if warning and accelerator.is_main_process:
         print(warning, file=sys.stderr)
@@ -645,9 +645,9 @@ class Run:
     position: StreamPosition
     progress: TrainingProgress
     total_steps: int
-    scheme: TrainingScheme = TRAINING_SCHEMES["none"]
+    scheme: TrainingScheme  # the --ablation's
+    evaluator: TrainingEvaluator  # --eval_every (does nothing without it)
     nonfinite_in_update: bool = False  # a micro-batch of the current update had a non-finite loss (skip mode)
-    evaluator: TrainingEvaluator | None = None  # --eval_every
 
 
 def setup_run(args: argparse.Namespace, argv: list[str], plan: RunPlan, accelerator: Accelerator,
@@ -957,7 +957,7 @@ def main(argv: list[str] | None = None) -> dict:
             run = setup_run(args, argv, plan, accelerator, identity)
         train(run)
         summary = finish(run)
-    except (TrainingFailed, CheckpointSaveError, EvaluationFailed) as error:
+    except (TrainingFailed, FailedOnEveryProcess) as error:  # checkpoint, evaluation and model-save failures too
         if run is not None:
             run.progress.close()  # ends the progress bar's line, so the error is a line of its own
         in_step = run is not None and isinstance(error, FailedOnEveryProcess)
