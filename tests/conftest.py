@@ -6,7 +6,7 @@ import pytest
 
 from declip_hf.hub.validation import build_offline_hub_cache
 from declip_hf.models.tiny import save_tiny_clip, save_tiny_dinov2, save_tiny_eva
-from training.tiny_assets import save_tiny_dino, save_tiny_sam
+from training.tiny_assets import make_tiny_assets, save_tiny_dino, save_tiny_sam
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,13 @@ def tiny_dino_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sam_dir(tmp_path_factory) -> Path:
     return save_tiny_sam(tmp_path_factory.mktemp("tiny_sam"))
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> Path:
+    """The built-in tiny assets (training/tiny_assets.py): CLIP, EVA02, DINOv2, DINO (patch 2) and SAM (patch 4)
+    checkpoints and generated images."""
+    return make_tiny_assets(tmp_path_factory.mktemp("assets") / "tiny")
 
 
 @pytest.fixture

@@ -4,17 +4,15 @@ are machine-dependent and belong in the README, not in assertions."""
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT
 
 
 def run_benchmark(script: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                            text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script), *args], capture_output=True,
+                            text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -42,9 +40,9 @@ def test_data_loader_benchmark_reports_stages_and_workers():
 
 
 def test_gpu_check_script_parses_and_names_its_options():
-    script = ROOT / "benchmarks" / "gpu_check.sh"
+    script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    result = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 2 and "--dry-run" in result.stderr
 
 
@@ -63,7 +61,7 @@ def test_train_step_benchmark_prints_matmul_rates_and_ratios():
 
 def test_train_step_ratios_are_taken_within_each_round():
     """A slow round slows every row: the ratio is the median of the per-round ratios, not a ratio of medians."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     from train_step import summarise
 
     def result(images_per_s, peak):
@@ -79,8 +77,8 @@ def test_train_step_ratios_are_taken_within_each_round():
 
 
 def test_train_step_refuses_an_authors_folder_without_their_code(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--tiny", "--authors_src",
-                             str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "train_step.py"), "--tiny", "--authors_src",
+                             str(tmp_path)], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 2 and "not the src folder of a DeCLIP checkout" in result.stderr
 
 

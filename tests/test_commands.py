@@ -12,8 +12,8 @@ from pathlib import Path
 from PIL import Image
 
 from declip_hf import commands
+from tests.conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 

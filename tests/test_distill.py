@@ -29,7 +29,7 @@ from training.optim import (
 )
 from training.progress import LOSS_NAMES, TrainingProgress
 from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM
-from training.tiny_assets import NUM_BAD_IMAGES, make_tiny_assets, synthetic_image, write_image_shards
+from training.tiny_assets import NUM_BAD_IMAGES, synthetic_image, write_image_shards
 from training.views import SKIP_REASONS, ViewConfig, make_views, to_rgb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -552,12 +552,6 @@ def test_real_recipe_config_holds_the_reference_hyper_parameters():
 
 # ------------------------------------------------------------------------------------------------ teachers, ensembles,
 # ablations (docs/method.md §9-§10)
-
-
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory) -> Path:
-    """The built-in tiny assets: CLIP, DINOv2, DINO (patch 2) and SAM (patch 4) checkpoints, generated images."""
-    return make_tiny_assets(tmp_path_factory.mktemp("assets") / "tiny")
 
 
 def _teacher_argv(assets: Path, run_dir: Path, *teachers: str, steps: int = 12) -> list:

@@ -7,13 +7,11 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from declip_hf import TRAINABLE_ATTENTION_MODES, DeCLIPEvaVisionModel, DeCLIPSegmenter
-from declip_hf.models.tiny import save_tiny_dinov2
 from tests.conftest import REPO_ROOT
 from tests.test_distill import _assert_one_step_reaches_exactly, _base_argv, _launch, _logs, _run_in_process
 from training import distill
 from training.optim import configure_trainable
 from training.teachers import ContextTeachers, FrozenCLIPTeacher, FrozenVFM
-from training.tiny_assets import make_tiny_assets
 
 
 def _expected_frozen(name: str, mode: str) -> bool:
@@ -27,13 +25,13 @@ def _expected_frozen(name: str, mode: str) -> bool:
 
 
 @pytest.mark.parametrize("mode", TRAINABLE_ATTENTION_MODES)
-def test_eva_trainable_set_and_every_trainable_parameter_gets_a_gradient(mode, tiny_eva_dir, tmp_path):
+def test_eva_trainable_set_and_every_trainable_parameter_gets_a_gradient(mode, tiny_eva_dir, tiny_dinov2_dir):
     student = DeCLIPEvaVisionModel.from_pretrained(tiny_eva_dir, decoupled_attention=mode)
     trainable = set(configure_trainable(student))
     assert trainable == {name for name, _ in student.named_parameters() if not _expected_frozen(name, mode)}
 
     teacher = FrozenCLIPTeacher(DeCLIPEvaVisionModel.from_pretrained(tiny_eva_dir))
-    vfm = ContextTeachers([FrozenVFM(AutoModel.from_pretrained(save_tiny_dinov2(tmp_path / "dinov2")))], ["vfm"])
+    vfm = ContextTeachers([FrozenVFM(AutoModel.from_pretrained(tiny_dinov2_dir))], ["vfm"])
     _assert_one_step_reaches_exactly(student, trainable, teacher, vfm)
 
 
@@ -57,12 +55,11 @@ def test_tiny_eva_config_makes_its_assets_trains_and_saves(tmp_path, monkeypatch
     assert output.label_maps[0].shape == (40, 48)
 
 
-def test_two_processes_train_an_eva_student(tmp_path):
+def test_two_processes_train_an_eva_student(tiny_assets, tmp_path):
     """A real 2-process `accelerate launch` (DDP over gloo) with the EVA02 student: DDP requires every trainable
     parameter to get a gradient, which the EVA trainable set must satisfy."""
-    assets = make_tiny_assets(tmp_path / "assets")
     run_dir = tmp_path / "run"
-    argv = _base_argv(assets / "eva", assets / "dinov2", assets / "images", run_dir) + [
+    argv = _base_argv(tiny_assets / "eva", tiny_assets / "dinov2", tiny_assets / "images", run_dir) + [
         "--max_steps", 2, "--per_device_batch_size", 2, "--lr", 2e-3, "--warmup_steps", 1, "--logging_steps", 1,
         "--decoupled_attention", "csa", "--ensemble_alpha", 0.7]
     result = _launch(argv, processes=2, port=29571)

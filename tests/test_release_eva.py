@@ -13,7 +13,6 @@ from huggingface_hub import ModelCard
 from declip_hf import DeCLIPEvaVisionModel
 from declip_hf.hub import release
 from declip_hf.hub.model_card import default_license, region_rows
-from declip_hf.models.tiny import save_tiny_eva
 from tests.test_release import RESULTS, build_tiny_run
 from training.export import image_processor_for
 
@@ -21,21 +20,21 @@ AUTHORS_CHECKPOINT = "xiaomoguhzz/DeCLIP_EVA-B_DINOv2-B_csa_0.05_2.0"
 
 
 @pytest.fixture(scope="module")
-def eva_run(tmp_path_factory, tiny_clip_dir):
+def eva_run(tmp_path_factory, tiny_clip_dir, tiny_eva_dir):
     """The tiny run's records around a tiny EVA02 model saved as training/export.py saves one."""
     run_dir = build_tiny_run(tmp_path_factory.mktemp("eva_run"), tiny_clip_dir)
-    eva_dir = save_tiny_eva(tmp_path_factory.mktemp("tiny_eva"))
     shutil.rmtree(run_dir / "model")
-    model = DeCLIPEvaVisionModel.from_pretrained(eva_dir)
+    model = DeCLIPEvaVisionModel.from_pretrained(tiny_eva_dir)
+    torch.manual_seed(0)  # a fixed perturbation (the session checkpoint may have been built at any point)
     with torch.no_grad():
         for parameter in model.blocks.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     model.save_pretrained(run_dir / "model")
     config = model.config
-    image_processor_for(str(eva_dir), config.image_size, 64, config.patch_size).save_pretrained(run_dir / "model")
-    shutil.copytree(eva_dir / "text_encoder", run_dir / "model" / "text_encoder")
+    image_processor_for(str(tiny_eva_dir), config.image_size, 64, config.patch_size).save_pretrained(run_dir / "model")
+    shutil.copytree(tiny_eva_dir / "text_encoder", run_dir / "model" / "text_encoder")
     recorded = json.loads((run_dir / "training_args.json").read_text())
-    recorded["args"]["student"] = str(eva_dir)
+    recorded["args"]["student"] = str(tiny_eva_dir)
     (run_dir / "training_args.json").write_text(json.dumps(recorded))
     (run_dir / "eval_results.json").write_text(json.dumps(RESULTS))
     return run_dir

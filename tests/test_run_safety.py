@@ -32,10 +32,10 @@ from training.progress import TrainingProgress, read_log_records, uneven_ranks_w
 from training.tiny_assets import bad_images, encode, synthetic_image, write_image_shards
 from training.views import SKIP_REASONS
 
+from tests.conftest import REPO_ROOT
 from tests.test_distill import _launch
 from tests.test_distill import _run_in_process as _run  # `main` in this process, Accelerate's singletons reset
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT_SIZE = 64  # tiny CLIP patch 4 -> a 16 x 16 grid
 
 
